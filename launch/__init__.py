@@ -1,0 +1,1 @@
+"""Entry points run by `deepspeed`, `torchrun`, `ray submit`, and the shared config schema."""

@@ -1,0 +1,184 @@
+"""What every archive reader provides, and the checks every sample goes through."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from pipeline.shards import Sample
+from pipeline.storage import redact_url, url_to_fs
+
+# Sentinel-2 band orders as stored in the shards (all bands on the 10 m grid).
+S2_L1C_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
+S2_L2A_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
+S1_BANDS = ("VV", "VH")
+# Native ground sampling distance of each band, in metres.
+S2_RESOLUTION_M = {
+    "B1": 60, "B2": 10, "B3": 10, "B4": 10, "B5": 20, "B6": 20, "B7": 20, "B8": 10,
+    "B8A": 20, "B9": 60, "B10": 60, "B11": 20, "B12": 20,
+}
+
+# Quarantine reasons (the `reason` field of quarantine.jsonl).
+UNREADABLE = "unreadable"
+WRONG_SHAPE = "wrong_shape"
+WRONG_BAND_COUNT = "wrong_band_count"
+MISSING_PARTNER = "missing_partner"
+NON_FINITE = "non_finite"
+ALL_NODATA = "all_nodata"
+MISALIGNED = "misaligned"
+BAD_LABELS = "bad_labels"
+
+
+@dataclass
+class WorkItem:
+    """One planned sample: where to read it from, decided on the driver before any pixel is read."""
+
+    key: str
+    sample_id: str
+    time_index: Optional[int]
+    refs: dict[str, Any]
+    """Source-specific, JSON-serialisable: URLs, array indices, metadata known from the inventory."""
+    est_bytes: int
+    """Expected size in a shard (used to cut shards by size deterministically)."""
+
+
+@dataclass
+class Rejection:
+    """One line of quarantine.jsonl."""
+
+    url: str
+    sample_id: Optional[str]
+    reason: str
+    detail: str = ""
+    key: Optional[str] = None
+    time_index: Optional[int] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["url"] = redact_url(d["url"])
+        return d
+
+
+@dataclass
+class SourceOptions:
+    s2_product: str = "L1C"
+    """L1C (13 bands) or L2A (12 bands) for the SSL4EO sources; BigEarthNet is always L2A."""
+    s2_offset: str = "remove"
+    """SSL4EO-S12 v1.1 Zarr S2 values carry +1000: 'remove' subtracts it (int16, exactly invertible), 'keep' stores raw."""
+    max_nonfinite_fraction: float = 0.0
+    """A sample with more non-finite pixels than this fraction (per modality) is quarantined."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+Result = Union[Sample, Rejection]
+
+
+class Source(ABC):
+    """An archive layout: inventory on the driver (`plan`), pixels on the workers (`read`)."""
+
+    name: str = ""
+    version: str = ""
+    split_names: tuple[str, ...] = ("train",)
+
+    def __init__(self, input_url: str, options: SourceOptions):
+        self.input_url = input_url.rstrip("/")
+        self.options = options
+        self.fs, self.root = url_to_fs(self.input_url, options.storage_options)
+
+    def url(self, path: str) -> str:
+        """A full URL for a path of this source's filesystem (for quarantine reports)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+    @abstractmethod
+    def available_splits(self) -> list[str]:
+        """Splits present in the input (raises FileNotFoundError with a clear message if none)."""
+
+    @abstractmethod
+    def plan(self, split: str, map_fn: Callable[[Callable, Sequence], list]) -> tuple[list[WorkItem], list[Rejection]]:
+        """List the samples of ``split`` in their deterministic order.
+
+        ``map_fn(fn, args)`` runs ``fn`` over ``args`` (in parallel on Ray), for
+        inventories that need to open files (Zarr metadata).
+        """
+
+    @abstractmethod
+    def read(self, items: Sequence[WorkItem], split: str) -> Iterator[Result]:
+        """Yield one Sample or Rejection per item, in the order of ``items``."""
+
+    @property
+    @abstractmethod
+    def s1_bands(self) -> tuple[str, ...]: ...
+
+    @property
+    @abstractmethod
+    def s2_bands(self) -> tuple[str, ...]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Source facts recorded in the manifest."""
+        return {"name": self.name, "version": self.version, "input": redact_url(self.input_url)}
+
+    def nodata(self) -> dict[str, Any]:
+        """No-data convention of the stored values: S1 non-finite, S2 a value (default 0)."""
+        return {"s1": "non-finite", "s2": 0}
+
+    # -- checks shared by every source -------------------------------------------------------
+
+    def check(self, item: WorkItem, s1: np.ndarray, s2: np.ndarray, url: str) -> Optional[Rejection]:
+        """The checks every sample passes before it may reach a shard."""
+
+        def reject(reason: str, detail: str) -> Rejection:
+            return Rejection(url, item.sample_id, reason, detail, item.key, item.time_index)
+
+        if s1.ndim != 3 or s1.shape[0] != len(self.s1_bands):
+            return reject(WRONG_BAND_COUNT, f"S1 has shape {s1.shape}, expected ({len(self.s1_bands)}, H, W)")
+        if s2.ndim != 3 or s2.shape[0] != len(self.s2_bands):
+            return reject(WRONG_BAND_COUNT, f"S2 has shape {s2.shape}, expected ({len(self.s2_bands)}, H, W)")
+        if s1.shape[1:] != s2.shape[1:]:
+            return reject(WRONG_SHAPE, f"S1 grid {s1.shape[1:]} differs from S2 grid {s2.shape[1:]}")
+        if min(s1.shape[1:]) == 0:
+            return reject(WRONG_SHAPE, f"empty grid {s1.shape[1:]}")
+        limit = self.options.max_nonfinite_fraction
+        for name, x in (("S1", s1), ("S2", s2)):
+            if np.issubdtype(x.dtype, np.floating):
+                bad = float((~np.isfinite(x)).mean())
+                if bad > limit:
+                    return reject(NON_FINITE, f"{name}: {bad:.2%} non-finite pixels (limit {limit:.2%})")
+        if not self.valid_s1(s1).any():
+            return reject(ALL_NODATA, "S1 has no valid pixel")
+        if not self.valid_s2(s2).any():
+            return reject(ALL_NODATA, "S2 has no valid pixel (all no-data)")
+        return None
+
+    def valid_s1(self, s1: np.ndarray) -> np.ndarray:
+        return np.isfinite(s1)
+
+    def valid_s2(self, s2: np.ndarray) -> np.ndarray:
+        nodata = self.nodata()["s2"]
+        valid = s2 != nodata
+        if np.issubdtype(s2.dtype, np.floating):
+            valid &= np.isfinite(s2)
+        return valid
+
+
+def upsample_nearest(band: np.ndarray, factor: int) -> np.ndarray:
+    """(h, w) → (h*factor, w*factor) by repeating pixels: exact values, no interpolation."""
+    if factor == 1:
+        return band
+    return np.repeat(np.repeat(band, factor, axis=0), factor, axis=1)
+
+
+_DATE = re.compile(r"(\d{8}T\d{6})")
+
+
+def date_from_name(name: str) -> Optional[str]:
+    """The first yyyymmddThhmmss in a product name, as ISO 8601 (UTC), or None."""
+    m = _DATE.search(name)
+    if not m:
+        return None
+    s = m.group(1)
+    return f"{s[0:4]}-{s[4:6]}-{s[6:8]}T{s[9:11]}:{s[11:13]}:{s[13:15]}Z"

@@ -1,0 +1,189 @@
+"""SSL4EO-S12 v1 GeoTIFF tree.
+
+Layout::
+
+    s1/<7-digit id>/<S1 product id>/{VV,VH}.tif              float32, dB, 10 m
+    s2c/<7-digit id>/<S2 product id>/{B1..B12,B8A}.tif       uint16, reflectance × 10000 (L1C)
+    s2a/<7-digit id>/<S2 product id>/...                     L2A (12 bands), with --s2-product L2A
+
+Four product folders per modality and location, one per season; the seasons are
+paired in date order (the product ids carry the acquisition date). Bands at
+20 m and 60 m are repeated onto the 10 m grid (nearest neighbour: exact values).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from pipeline.shards import Sample, make_key
+from pipeline.sources.base import (
+    MISALIGNED,
+    MISSING_PARTNER,
+    S1_BANDS,
+    S2_L1C_BANDS,
+    S2_L2A_BANDS,
+    S2_RESOLUTION_M,
+    UNREADABLE,
+    WRONG_BAND_COUNT,
+    WRONG_SHAPE,
+    Rejection,
+    Result,
+    Source,
+    WorkItem,
+    date_from_name,
+    upsample_nearest,
+)
+from pipeline.sources.geotiff import RasterError, center_lonlat, decode, fetch, footprint_offset_m
+
+_S2_DIR = {"L1C": "s2c", "L2A": "s2a"}
+
+
+class SSL4EOTiff(Source):
+    name = "ssl4eo-tiff"
+    version = "SSL4EO-S12 v1 (GeoTIFF)"
+    split_names = ("train",)
+
+    @property
+    def s1_bands(self) -> tuple[str, ...]:
+        return S1_BANDS
+
+    @property
+    def s2_bands(self) -> tuple[str, ...]:
+        return S2_L1C_BANDS if self.options.s2_product == "L1C" else S2_L2A_BANDS
+
+    @property
+    def s2_dir(self) -> str:
+        return _S2_DIR[self.options.s2_product]
+
+    def available_splits(self) -> list[str]:
+        # The GeoTIFF release has no split folders: everything is one split.
+        for sub in ("s1", self.s2_dir):
+            if not self.fs.exists(f"{self.root}/{sub}"):
+                raise FileNotFoundError(
+                    f"{self.input_url}: no '{sub}/' folder; an SSL4EO-S12 v1 GeoTIFF tree has s1/ and {self.s2_dir}/"
+                )
+        return ["train"]
+
+    def _products(self, sub: str) -> dict[str, dict[str, list[str]]]:
+        """{location id: {product id: [file names]}} from one recursive listing."""
+        base = f"{self.root}/{sub}"
+        out: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for path in self.fs.find(base):
+            rel = path[len(base) :].strip("/").split("/")
+            if len(rel) == 3 and rel[2].lower().endswith((".tif", ".tiff")):
+                out[rel[0]][rel[1]].append(rel[2])
+        return out
+
+    def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
+        s1 = self._products("s1")
+        s2 = self._products(self.s2_dir)
+        if not s1 and not s2:
+            raise FileNotFoundError(f"{self.input_url}: no GeoTIFF files under s1/ or {self.s2_dir}/")
+        items: list[WorkItem] = []
+        rejects: list[Rejection] = []
+        for loc in sorted(set(s1) | set(s2)):
+            p1 = sorted(s1.get(loc, {}), key=lambda p: (date_from_name(p) or "", p))
+            p2 = sorted(s2.get(loc, {}), key=lambda p: (date_from_name(p) or "", p))
+            for t in range(max(len(p1), len(p2))):
+                key = make_key(loc, f"t{t}")
+                if t >= len(p1) or t >= len(p2):
+                    have = f"s1/{loc}/{p1[t]}" if t < len(p1) else f"{self.s2_dir}/{loc}/{p2[t]}"
+                    missing = "S2" if t < len(p1) else "S1"
+                    rejects.append(Rejection(self.url(f"{self.root}/{have}"), loc, MISSING_PARTNER,
+                                             f"no {missing} product for season {t}", key, t))
+                    continue
+                items.append(WorkItem(key, loc, t, {
+                    "s1_dir": f"{self.root}/s1/{loc}/{p1[t]}",
+                    "s2_dir": f"{self.root}/{self.s2_dir}/{loc}/{p2[t]}",
+                    "s1_product": p1[t], "s2_product": p2[t],
+                }, 0))
+        est = self._estimate_bytes(items)
+        for it in items:
+            it.est_bytes = est
+        return items, rejects
+
+    def _estimate_bytes(self, items: Sequence[WorkItem]) -> int:
+        """Decoded size of one sample, from the first readable pair (the grid is the same for all)."""
+        for it in items[:20]:
+            try:
+                data = fetch(self.fs, [f"{it.refs['s1_dir']}/VV.tif", f"{it.refs['s2_dir']}/B2.tif"])
+                vv, b2 = (decode(v, k) for k, v in data.items())
+            except (OSError, RasterError):
+                continue
+            h, w = b2.data.shape
+            return h * w * (2 * vv.data.itemsize + len(self.s2_bands) * b2.data.itemsize) + 2048
+        return 2 * 1024 * 1024
+
+    def read(self, items: Sequence[WorkItem], split: str) -> Iterator[Result]:
+        for it in items:
+            yield self._read_one(it, split)
+
+    def _read_one(self, it: WorkItem, split: str) -> Result:
+        d1, d2 = it.refs["s1_dir"], it.refs["s2_dir"]
+        s1_paths = [f"{d1}/{b}.tif" for b in S1_BANDS]
+        s2_paths = [f"{d2}/{b}.tif" for b in self.s2_bands]
+
+        def reject(url: str, reason: str, detail: str) -> Rejection:
+            return Rejection(self.url(url), it.sample_id, reason, detail, it.key, it.time_index)
+
+        try:
+            raw = fetch(self.fs, s1_paths + s2_paths)
+        except FileNotFoundError as err:
+            return reject(str(err), WRONG_BAND_COUNT, f"missing band file {str(err).rsplit('/', 1)[-1]}")
+        except OSError as err:
+            return reject(d2, UNREADABLE, f"{type(err).__name__}: {err}")
+        rasters = {}
+        for path in s1_paths + s2_paths:
+            try:
+                rasters[path] = decode(raw[path], path.rsplit("/", 1)[-1])
+            except RasterError as err:
+                return reject(path, UNREADABLE, str(err))
+        ref = rasters[f"{d2}/B2.tif"]
+        h, w = ref.data.shape
+        bands = []
+        for band, path in zip(self.s2_bands, s2_paths):
+            factor = S2_RESOLUTION_M[band] // 10
+            arr = rasters[path].data
+            if arr.shape != (h // factor, w // factor) or h % factor or w % factor:
+                return reject(path, WRONG_SHAPE, f"{band} is {arr.shape}, expected {(h // factor, w // factor)} "
+                                                 f"for a {S2_RESOLUTION_M[band]} m band on a {h}x{w} 10 m grid")
+            bands.append(upsample_nearest(arr, factor))
+        s2 = np.stack(bands)
+        for path in s1_paths:
+            if rasters[path].data.shape != (h, w):
+                return reject(path, WRONG_SHAPE, f"S1 {path.rsplit('/', 1)[-1]} is {rasters[path].data.shape}, S2 grid is {(h, w)}")
+        s1 = np.stack([rasters[p].data for p in s1_paths])
+        vv = rasters[s1_paths[0]]
+        offset = footprint_offset_m(vv, ref)
+        pixel = abs(ref.res[0])
+        if offset > pixel:
+            return reject(d1, MISALIGNED, f"S1 and S2 footprints differ by {offset:.1f} m (> one {pixel:g} m pixel)")
+        bad = self.check(it, s1, s2, self.url(d2))
+        if bad is not None:
+            return bad
+        lon, lat = center_lonlat(ref)
+        meta: dict[str, Any] = {
+            "sample_id": it.sample_id,
+            "time_index": it.time_index,
+            "source": self.name,
+            "split": split,
+            "lat": lat,
+            "lon": lon,
+            "crs": ref.crs,
+            "timestamps": {"s1": date_from_name(it.refs["s1_product"]), "s2": date_from_name(it.refs["s2_product"])},
+            "s1_product": it.refs["s1_product"],
+            "s2_product": it.refs["s2_product"],
+            "s1_bands": list(S1_BANDS),
+            "s2_bands": list(self.s2_bands),
+        }
+        return Sample(it.key, s1, s2, meta)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(s2_product=self.options.s2_product, s2_offset="none in this release",
+                 resampling="nearest-neighbour repeat of 20 m and 60 m bands onto the 10 m grid",
+                 pairing="S1 and S2 products of a location paired season by season in date order")
+        return d

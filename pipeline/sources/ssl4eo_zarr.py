@@ -1,0 +1,277 @@
+"""SSL4EO-S12 v1.1 in its Zarr chunk-file layout.
+
+Layout::
+
+    {train,val}/{S1GRD,S2L1C,S2L2A}/ssl4eos12_{split}_seasonal_data_NNNNNN.zarr.zip
+
+Each file is a zipped Zarr v2 store with consolidated metadata holding 64
+locations: ``bands`` (sample, time=4, band, y=264, x=264), int16 for S2
+(reflectance × 10000 **+ 1000**), float16 dB for S1, with coordinates
+``sample`` (location ids), ``band`` (names) and per-sample ``center_lat``,
+``center_lon``, ``crs``, ``time_`` and ``file_id``. S1 and S2 files with the same
+number describe the same locations; they are paired by location id.
+
+Files are opened in place (local zip, or through an fsspec zip filesystem over
+the remote object, reading only the chunks needed), never loaded whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from pipeline.shards import Sample, make_key
+from pipeline.sources.base import (
+    MISSING_PARTNER,
+    S1_BANDS,
+    S2_L1C_BANDS,
+    S2_L2A_BANDS,
+    UNREADABLE,
+    WRONG_BAND_COUNT,
+    Rejection,
+    Result,
+    Source,
+    WorkItem,
+)
+from pipeline.storage import is_local
+
+_FILE = re.compile(r"(?:^|/)(?P<split>[^/]+)/(?P<product>S1GRD|S2L1C|S2L2A)/ssl4eos12_(?P=split)_seasonal_data_(?P<num>\d+)\.zarr\.zip$")
+S2_OFFSET = 1000
+
+
+def open_zarr_zip(fs, path: str):
+    """An xarray Dataset over a zipped Zarr v2 store, lazily indexed (no dask, no full read)."""
+    import xarray as xr
+    import zarr
+
+    if is_local(fs):
+        store = zarr.storage.ZipStore(path, mode="r")
+    else:
+        import fsspec
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        zfs = fsspec.filesystem("zip", fo=fs.open(path, "rb", block_size=8 << 20))
+        store = zarr.storage.FsspecStore(AsyncFileSystemWrapper(zfs, asynchronous=True), read_only=True, path="")
+    return xr.open_zarr(store, consolidated=True, chunks=None)
+
+
+def _iso(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    v = np.datetime64(value, "s")
+    return None if np.isnat(v) else f"{np.datetime_as_string(v)}Z"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _per_time(arr, i: int, t: int) -> Any:
+    """Value of a per-sample or per-(sample, time) coordinate."""
+    v = arr[i]
+    return v[t] if np.ndim(v) > 0 else v
+
+
+class SSL4EOZarr(Source):
+    name = "ssl4eo-zarr"
+    version = "SSL4EO-S12 v1.1 (Zarr)"
+    split_names = ("train", "val")
+
+    @property
+    def s1_bands(self) -> tuple[str, ...]:
+        return S1_BANDS
+
+    @property
+    def s2_bands(self) -> tuple[str, ...]:
+        return S2_L1C_BANDS if self.options.s2_product == "L1C" else S2_L2A_BANDS
+
+    @property
+    def s2_folder(self) -> str:
+        return f"S2{self.options.s2_product}"
+
+    def _files(self) -> dict[str, dict[str, dict[str, str]]]:
+        """{split: {number: {product folder: path}}} from one recursive listing."""
+        out: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+        for path in self.fs.find(self.root):
+            m = _FILE.search(path)
+            if m:
+                out[m["split"]][m["num"]][m["product"]] = path
+        return out
+
+    def available_splits(self) -> list[str]:
+        files = self._files()
+        if not files:
+            raise FileNotFoundError(
+                f"{self.input_url}: no SSL4EO-S12 v1.1 Zarr files "
+                "({train,val}/{S1GRD,S2L1C,S2L2A}/ssl4eos12_<split>_seasonal_data_NNNNNN.zarr.zip)"
+            )
+        return [s for s in ("train", "val") if s in files] + sorted(set(files) - {"train", "val"})
+
+    def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
+        pairs = self._files().get(split, {})
+        if not pairs:
+            raise FileNotFoundError(f"{self.input_url}: no Zarr files for split {split!r}")
+        rejects: list[Rejection] = []
+        jobs = []
+        for num in sorted(pairs):
+            s1, s2 = pairs[num].get("S1GRD"), pairs[num].get(self.s2_folder)
+            if s1 and s2:
+                jobs.append((num, s1, s2))
+            else:
+                have = s1 or s2 or next(iter(pairs[num].values()))
+                missing = "S1GRD" if not s1 else self.s2_folder
+                rejects.append(Rejection(self.url(have), None, MISSING_PARTNER, f"no {missing} file with number {num}"))
+        items: list[WorkItem] = []
+        for its, rej in map_fn(self.inventory_pair, jobs):
+            items.extend(its)
+            rejects.extend(rej)
+        return items, rejects
+
+    def inventory_pair(self, job: tuple[str, str, str]) -> tuple[list[WorkItem], list[Rejection]]:
+        """Sample ids, times and metadata of one S1/S2 file pair, read from the Zarr metadata and coordinates."""
+        num, p1, p2 = job
+        coords = {}
+        for tag, path in (("s1", p1), ("s2", p2)):
+            try:
+                ds = open_zarr_zip(self.fs, path)
+                coords[tag] = {
+                    "ids": [_text(v) for v in ds["sample"].values],
+                    "ntime": int(ds["bands"].shape[1]),
+                    "shape": tuple(int(v) for v in ds["bands"].shape[2:]),
+                    "itemsize": ds["bands"].dtype.itemsize,
+                    "time": ds["time_"].values if "time_" in ds else None,
+                    "file_id": ds["file_id"].values if "file_id" in ds else None,
+                    "lat": ds["center_lat"].values if "center_lat" in ds else None,
+                    "lon": ds["center_lon"].values if "center_lon" in ds else None,
+                    "crs": ds["crs"].values if "crs" in ds else None,
+                }
+            except Exception as err:  # noqa: BLE001 - corrupt / truncated zip or metadata
+                coords[tag] = err
+        bad = [(tag, p) for tag, p in (("s1", p1), ("s2", p2)) if isinstance(coords[tag], Exception)]
+        if bad:
+            rejects = []
+            good = [t for t in ("s1", "s2") if not isinstance(coords[t], Exception)]
+            for tag, path in bad:
+                err = coords[tag]
+                detail = f"{type(err).__name__}: {err}"
+                if good:  # the partner tells which samples are lost
+                    c = coords[good[0]]
+                    for sid in c["ids"]:
+                        for t in range(c["ntime"]):
+                            rejects.append(Rejection(self.url(path), sid, UNREADABLE, detail, make_key(sid, f"t{t}"), t))
+                else:
+                    rejects.append(Rejection(self.url(path), None, UNREADABLE, detail))
+            return [], rejects
+        c1, c2 = coords["s1"], coords["s2"]
+        index1 = {sid: i for i, sid in enumerate(c1["ids"])}
+        index2 = {sid: i for i, sid in enumerate(c2["ids"])}
+        (_, h, w) = c2["shape"]
+        est = h * w * (len(self.s1_bands) * c1["itemsize"] + len(self.s2_bands) * c2["itemsize"]) + 2048
+        items: list[WorkItem] = []
+        rejects: list[Rejection] = []
+        ntime = min(c1["ntime"], c2["ntime"])
+        for sid in c2["ids"] + [s for s in c1["ids"] if s not in index2]:
+            if sid not in index1 or sid not in index2:
+                path = p2 if sid in index2 else p1
+                missing = "S1" if sid in index2 else "S2"
+                for t in range(max(c1["ntime"], c2["ntime"])):
+                    rejects.append(Rejection(self.url(path), sid, MISSING_PARTNER, f"location has no {missing} data in file {num}",
+                                             make_key(sid, f"t{t}"), t))
+                continue
+            i1, i2 = index1[sid], index2[sid]
+            for t in range(ntime):
+                meta = {
+                    "lat": None if c2["lat"] is None else float(c2["lat"][i2]),
+                    "lon": None if c2["lon"] is None else float(c2["lon"][i2]),
+                    "crs": None if c2["crs"] is None else _text(c2["crs"][i2]),
+                    "timestamps": {
+                        "s1": None if c1["time"] is None else _iso(_per_time(c1["time"], i1, t)),
+                        "s2": None if c2["time"] is None else _iso(_per_time(c2["time"], i2, t)),
+                    },
+                    "s1_product": None if c1["file_id"] is None else _text(_per_time(c1["file_id"], i1, t)),
+                    "s2_product": None if c2["file_id"] is None else _text(_per_time(c2["file_id"], i2, t)),
+                }
+                items.append(WorkItem(make_key(sid, f"t{t}"), sid, t,
+                                      {"s1": p1, "s2": p2, "i1": i1, "i2": i2, "meta": meta}, est))
+        return items, rejects
+
+    def _band_order(self, ds, expected: Sequence[str]) -> Optional[list[int]]:
+        """Indices that put the file's bands in ``expected`` order, or None if the names do not match."""
+        names = [_text(v).upper() for v in ds["band"].values] if "band" in ds.coords else None
+        if names is None or len(names) != len(expected):
+            return None
+        try:
+            return [names.index(b.upper()) for b in expected]
+        except ValueError:
+            return None
+
+    def read(self, items: Sequence[WorkItem], split: str) -> Iterator[Result]:
+        i = 0
+        while i < len(items):
+            j = i
+            while j < len(items) and (items[j].refs["s1"], items[j].refs["s2"]) == (items[i].refs["s1"], items[i].refs["s2"]):
+                j += 1
+            yield from self._read_pair(items[i:j], split)
+            i = j
+
+    def _read_pair(self, items: Sequence[WorkItem], split: str) -> Iterator[Result]:
+        p1, p2 = items[0].refs["s1"], items[0].refs["s2"]
+        try:
+            ds1, ds2 = open_zarr_zip(self.fs, p1), open_zarr_zip(self.fs, p2)
+        except Exception as err:  # noqa: BLE001
+            for it in items:
+                yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
+            return
+        order1 = self._band_order(ds1, self.s1_bands)
+        order2 = self._band_order(ds2, self.s2_bands)
+        for it in items:
+            if order1 is None or order2 is None:
+                which, ds = ("S1", ds1) if order1 is None else ("S2", ds2)
+                names = [_text(v) for v in ds["band"].values] if "band" in ds.coords else "no band coordinate"
+                yield Rejection(self.url(p1 if order1 is None else p2), it.sample_id, WRONG_BAND_COUNT,
+                                f"{which} bands {names}, expected {list(self.s1_bands if order1 is None else self.s2_bands)}",
+                                it.key, it.time_index)
+                continue
+            try:
+                s1 = np.asarray(ds1["bands"][it.refs["i1"], it.time_index].values)[order1]
+                s2 = np.asarray(ds2["bands"][it.refs["i2"], it.time_index].values)[order2]
+            except Exception as err:  # noqa: BLE001 - a corrupt chunk loses this sample only
+                yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
+                continue
+            if self.options.s2_offset == "remove" and np.issubdtype(s2.dtype, np.integer):
+                s2 = (s2.astype(np.int32) - S2_OFFSET).astype(s2.dtype)
+            bad = self.check(it, s1, s2, self.url(p2))
+            if bad is not None:
+                yield bad
+                continue
+            meta: dict[str, Any] = {
+                "sample_id": it.sample_id,
+                "time_index": it.time_index,
+                "source": self.name,
+                "split": split,
+                **it.refs["meta"],
+                "s1_bands": list(self.s1_bands),
+                "s2_bands": list(self.s2_bands),
+            }
+            yield Sample(it.key, s1, s2, meta)
+
+    def nodata(self) -> dict[str, Any]:
+        # Raw no-data is 0; with the offset removed it is stored as -1000.
+        return {"s1": "non-finite", "s2": -S2_OFFSET if self.options.s2_offset == "remove" else 0}
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            s2_product=self.options.s2_product,
+            s2_offset={
+                "source_offset": S2_OFFSET,
+                "handling": self.options.s2_offset,
+                "note": ("stored = raw - 1000 for every pixel (int16, exactly invertible; raw no-data 0 becomes -1000)"
+                         if self.options.s2_offset == "remove" else "stored = raw (reflectance x 10000 + 1000)"),
+            },
+            pairing="S1GRD and S2 files with the same number, paired by location id",
+        )
+        return d

@@ -1,0 +1,102 @@
+"""Pieces of the preprocessing job that need no Ray: shard packing, statistics, tar format, redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline.preprocess import pack_shards
+from pipeline.shards import Sample, ShardWriter, decode_npy, iter_tar_samples, make_key
+from pipeline.sources.base import WorkItem
+from pipeline.stats import BandMoments
+from pipeline.storage import redact, redact_argv, redact_url
+
+
+def _items(sizes):
+    return [WorkItem(f"k{i}", f"s{i}", None, {}, s) for i, s in enumerate(sizes)]
+
+
+def test_pack_shards_respects_size_and_count_caps_and_keeps_order():
+    items = _items([10] * 25)
+    shards = pack_shards(items, shard_bytes=35, max_samples=100)
+    assert [len(s) for s in shards] == [3] * 8 + [1]
+    assert [it.key for s in shards for it in s] == [it.key for it in items]
+    assert [len(s) for s in pack_shards(items, shard_bytes=10**9, max_samples=4)] == [4] * 6 + [1]
+    # an item larger than the cap still gets a shard of its own rather than being dropped
+    assert [len(s) for s in pack_shards(_items([50, 5, 5]), shard_bytes=20, max_samples=10)] == [1, 2]
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 7])
+def test_band_moments_merge_equals_numpy(pieces):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(3000, 800, size=(pieces * 4, 3, 16, 16))).astype(np.int16)
+    valid = rng.random(x.shape) > 0.1
+    total = BandMoments.zeros(3)
+    for chunk, vchunk in zip(np.array_split(x, pieces), np.array_split(valid, pieces)):
+        for sample, v in zip(chunk, vchunk):
+            total = total.merge(BandMoments.of(sample, v))
+    for b in range(3):
+        ref = x[:, b][valid[:, b]].astype(np.float64)
+        assert total.count[b] == ref.size
+        np.testing.assert_allclose(total.mean[b], ref.mean(), rtol=1e-12)
+        np.testing.assert_allclose(total.std[b], ref.std(), rtol=1e-10)
+    again = BandMoments.from_dict(json.loads(json.dumps(total.to_dict())))
+    np.testing.assert_array_equal(again.mean, total.mean)
+
+
+def test_shard_writer_is_deterministic_and_readable_by_plain_webdataset(tmp_path):
+    rng = np.random.default_rng(1)
+    samples = [
+        Sample(make_key("0000001", f"t{t}"), rng.normal(size=(2, 8, 8)).astype(np.float16),
+               rng.integers(0, 10000, size=(13, 8, 8)).astype(np.int16), {"sample_id": "0000001", "time_index": t})
+        for t in range(3)
+    ]
+    paths = [tmp_path / "a.tar", tmp_path / "b.tar"]
+    digests = []
+    for p in paths:
+        with ShardWriter(str(p)) as w:
+            for s in samples:
+                w.write(s)
+        digests.append(w.sha256)
+        assert w.bytes == p.stat().st_size and w.samples == 3
+    assert digests[0] == digests[1] and paths[0].read_bytes() == paths[1].read_bytes()
+
+    got = list(wds.WebDataset(str(paths[0]), shardshuffle=False).decode())
+    assert [g["__key__"] for g in got] == [s.key for s in samples]
+    for g, s in zip(got, samples):
+        np.testing.assert_array_equal(g["s1.npy"], s.s1)
+        assert g["s2.npy"].dtype == np.int16
+        assert g["json"]["time_index"] == s.meta["time_index"]
+    with open(paths[0], "rb") as f:
+        raw = list(iter_tar_samples(f))
+    assert decode_npy(raw[1]["s2.npy"]).shape == (13, 8, 8)
+
+
+def test_shard_writer_rejects_duplicate_and_invalid_keys(tmp_path):
+    s = Sample("abc", np.zeros((2, 2, 2), np.float32), np.zeros((13, 2, 2), np.int16), {})
+    with ShardWriter(str(tmp_path / "x.tar")) as w:
+        w.write(s)
+        with pytest.raises(ValueError, match="duplicate"):
+            w.write(s)
+        with pytest.raises(ValueError, match="invalid"):
+            w.write(Sample("a.b", s.s1, s.s2, {}))
+    assert make_key("S2A_MSIL2A.x", "t1") == "S2A_MSIL2A_x_t1"
+
+
+def test_redaction():
+    opts = {"key": "AKIA123", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x", "region_name": "r"},
+            "aws_session_token": "tok"}
+    out = redact(opts)
+    assert out["key"] == out["secret"] == out["aws_session_token"] == "***"
+    assert out["client_kwargs"] == opts["client_kwargs"]
+    assert "AKIA" not in redact_url("s3://AKIA:secret@bucket/x") and redact_url("s3://bucket/x") == "s3://bucket/x"
+    argv = ["--input", "s3://u:pw@b/x", "--storage-options", '{"secret": "zz", "anon": false}', "--token", "abc",
+            "--aws-secret-key=q"]
+    text = " ".join(redact_argv(argv))
+    for secret in ("pw@", "zz", "abc", "=q"):
+        assert secret not in text
+    assert '"anon": false' in text
