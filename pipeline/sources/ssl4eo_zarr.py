@@ -69,6 +69,18 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _crs(value: Any) -> str:
+    """CRS as 'EPSG:nnnnn' whether the file stores a string or the EPSG code as an integer."""
+    text = _text(value)
+    return f"EPSG:{text}" if text.isdigit() else text
+
+
+def canonical_band(name: Any) -> str:
+    """'B01' and 'b1' → 'B1'; 'B8A', 'VV' unchanged (upper case)."""
+    text = _text(name).upper()
+    return re.sub(r"^B0(\d)$", r"B\1", text)
+
+
 def _per_time(arr, i: int, t: int) -> Any:
     """Value of a per-sample or per-(sample, time) coordinate."""
     v = arr[i]
@@ -186,7 +198,7 @@ class SSL4EOZarr(Source):
                 meta = {
                     "lat": None if c2["lat"] is None else float(c2["lat"][i2]),
                     "lon": None if c2["lon"] is None else float(c2["lon"][i2]),
-                    "crs": None if c2["crs"] is None else _text(c2["crs"][i2]),
+                    "crs": None if c2["crs"] is None else _crs(c2["crs"][i2]),
                     "timestamps": {
                         "s1": None if c1["time"] is None else _iso(_per_time(c1["time"], i1, t)),
                         "s2": None if c2["time"] is None else _iso(_per_time(c2["time"], i2, t)),
@@ -200,11 +212,11 @@ class SSL4EOZarr(Source):
 
     def _band_order(self, ds, expected: Sequence[str]) -> Optional[list[int]]:
         """Indices that put the file's bands in ``expected`` order, or None if the names do not match."""
-        names = [_text(v).upper() for v in ds["band"].values] if "band" in ds.coords else None
+        names = [canonical_band(v) for v in ds["band"].values] if "band" in ds.coords else None
         if names is None or len(names) != len(expected):
             return None
         try:
-            return [names.index(b.upper()) for b in expected]
+            return [names.index(canonical_band(b)) for b in expected]
         except ValueError:
             return None
 

@@ -1,0 +1,75 @@
+"""Process-group setup under every launcher we support, and small collective helpers.
+
+`deepspeed` and `torchrun` export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT. Under Slurm's `srun` without a wrapper only SLURM_* variables
+exist; they are translated here so that the same script runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def env_from_slurm() -> None:
+    """Fill the torch.distributed variables from Slurm's when a launcher did not set them."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or "127.0.0.1"
+        try:
+            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                   check=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = nodes.split(",")[0]
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def init() -> tuple[int, int, int]:
+    """Initialise the default process group (NCCL on GPUs, gloo on CPU, chosen by DeepSpeed).
+
+    Returns (rank, world_size, local_rank).
+    """
+    import deepspeed
+
+    env_from_slurm()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def device_name() -> Optional[str]:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
