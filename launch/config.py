@@ -75,6 +75,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     bf16: bool = True
+    stop_at_step: Optional[int] = None
+    """Stop (with a checkpoint) at this step without changing the schedule, e.g. to fit a cluster's job
+    time limit; the next job continues with resume=auto."""
     seed: int = 0
     log_every: int = 10
     """Read losses back from the device and log every this many steps (no sync in between)."""

@@ -17,15 +17,21 @@ class PatchEmbed(nn.Module):
 
     x: (B, C, H, W) with H, W divisible by the patch -> (B, L, dim), L = (H/p) * (W/p),
     tokens in row-major grid order.
+
+    The learned modality embedding (1, 1, dim) of this token stream lives here too and is
+    added in ``forward``: ZeRO-3 gathers a module's parameters only around that module's
+    own forward, so a parameter must be used by the module that owns it.
     """
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.modality_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, L, D)
+        x = self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, L, D)
+        return x + self.modality_embed
 
 
 def sincos_1d(dim: int, pos: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ The forward pass is split into MAE's named stages::
 
 Modules are grouped by name for a clean encoder export: everything the encoder needs
 lives under top-level attributes that do *not* start with ``decoder``
-(``patch_embed``, ``modality_embed``, ``cls_token``, ``blocks``, ``norm``), and all of
+(``patch_embed`` with the modality embeddings, ``cls_token``, ``blocks``, ``norm``), and all of
 the decoder under ``decoder*`` attributes, so ``encoder_state_dict`` is a key filter.
 
 Token streams. The encoder works on one or two streams of patch tokens, named by
@@ -67,10 +67,24 @@ class EncoderLoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
+class ClassToken(nn.Module):
+    """The learned CLS token, as a module of its own: ZeRO-3 gathers a parameter only around the
+    forward of the module that owns it, and the root module's own parameters are not safe there."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, batch_size: int) -> Tensor:
+        return self.token.expand(batch_size, -1, -1)  # (B, 1, D)
+
+
 class ModalityDecoder(nn.Module):
     """The decoder of one token stream: embed the visible latents, fill the grid with
     mask tokens, self-attention blocks, then a linear pixel head.
 
+    ``forward`` builds the token sequence: it must be a module call (not a plain method)
+    so that ZeRO-3 gathers this module's own parameters (mask token, modality embedding).
     The blocks are run by :meth:`FusMAE.forward_decoder` (so that activation
     checkpointing and the optional cross-attention block stay in one place); this
     module owns the parameters and the two ends of the pipeline.
@@ -88,7 +102,7 @@ class ModalityDecoder(nn.Module):
         self.norm = layer_norm(dim)
         self.pred = nn.Linear(dim, out_dim)
 
-    def tokens(self, cls: Tensor, latents: Tensor, ids_restore: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, cls: Tensor, latents: Tensor, ids_restore: Tensor, pos: Tensor) -> Tensor:
         """cls: (B, 1, D), latents: (B, K, D) visible tokens in encoder order,
         ids_restore: (B, L), pos: (1, L, Dd) -> (B, 1 + L, Dd): [CLS, full grid]."""
         x = self.embed(latents)  # (B, K, Dd)
@@ -125,8 +139,7 @@ class FusMAE(nn.Module):
         # --- encoder: every attribute here must not start with "decoder" ---
         self.patch_embed = nn.ModuleDict({s: PatchEmbed(chans[s], D, p) for s in self.streams})
         self.pos_embed = SinCosPosEmbed(D)  # fixed, shared by the streams; no parameters
-        self.modality_embed = nn.ParameterDict({s: nn.Parameter(torch.zeros(1, 1, D)) for s in self.streams})
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.cls_token = ClassToken(D)
         block_args = (cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.fused_attn)
         first = [CrossBlock(D, *block_args)] if cfg.fusion == "xattn" else []
         self.blocks = nn.ModuleList(first + [Block(D, *block_args) for _ in range(cfg.depth - len(first))])
@@ -194,7 +207,10 @@ class FusMAE(nn.Module):
         any_img = next(iter(images.values()))
         h, w = any_img.shape[-2] // self.cfg.patch_size, any_img.shape[-1] // self.cfg.patch_size
         pos = self.pos_embed(h, w, any_img.device)  # (1, L, D), the same grid for every stream
-        tokens = {s: self.patch_embed[s](img) + pos + self.modality_embed[s] for s, img in images.items()}
+        tokens = {}
+        for s, img in images.items():
+            x = self.patch_embed[s](img)  # (B, L, D), modality embedding included
+            tokens[s] = x + pos.to(x.dtype)  # in the tokens' dtype so that bf16 models stay bf16
         return tokens, (h, w)
 
     def forward_encoder(
@@ -215,7 +231,7 @@ class FusMAE(nn.Module):
             # before the joint self-attention blocks.
             xs = list(self._run(blocks[0], *xs))
             blocks = blocks[1:]
-        cls = self.cls_token.expand(xs[0].shape[0], -1, -1)
+        cls = self.cls_token(xs[0].shape[0])  # (B, 1, D)
         dtype = xs[0].dtype
         x = torch.cat([cls.to(dtype), *(t.to(dtype) for t in xs)], dim=1)  # (B, 1 + sum K, D)
         for block in blocks:
@@ -227,9 +243,9 @@ class FusMAE(nn.Module):
     ) -> dict[str, Tensor]:
         """latent: (B, 1 + sum K, D) from forward_encoder -> {stream: (B, L, p*p*C)}."""
         cls, *latents = latent.split([1, *lengths], dim=1)
-        pos = self.decoder_pos_embed(*grid, latent.device)  # (1, L, Dd)
+        pos = self.decoder_pos_embed(*grid, latent.device).to(latent.dtype)  # (1, L, Dd)
         xs = [
-            self.decoders[s].tokens(cls, lat, m.ids_restore, pos)  # (B, 1 + L, Dd)
+            self.decoders[s](cls, lat, m.ids_restore, pos)  # (B, 1 + L, Dd)
             for s, lat, m in zip(self.streams, latents, masks)
         ]
         if self.decoder_cross is not None:

@@ -237,13 +237,13 @@ def test_no_weight_decay_and_encoder_keys():
     net = build(tiny(fusion="xattn", decoder="xattn"))
     names = net.no_weight_decay()
     exempt = {
-        "cls_token", "modality_embed.s1", "decoders.s2.mask_token", "norm.weight", "blocks.0.s1_from_s2.attn.q.bias"
+        "cls_token.token", "patch_embed.s1.modality_embed", "decoders.s2.mask_token", "norm.weight", "blocks.0.s1_from_s2.attn.q.bias"
     }
     assert exempt <= names
     assert "blocks.1.attn.qkv.weight" not in names and "patch_embed.s1.proj.weight" not in names
     enc = net.encoder_state_dict()
     assert enc and not any(k.startswith("decoder") for k in enc)
-    assert {k.split(".")[0] for k in enc} == {"patch_embed", "modality_embed", "cls_token", "blocks", "norm"}
+    assert {k.split(".")[0] for k in enc} == {"patch_embed", "cls_token", "blocks", "norm"}
 
 
 # -------------------------------------------------------------- training
@@ -348,10 +348,10 @@ def test_encoder_state_dict_round_trip(fusion):
     dst.load_encoder_state_dict(src.encoder_state_dict(), strict=True)
     torch.testing.assert_close(dst.encode(s1, s2), src.encode(s1, s2), atol=0, rtol=0)
     partial = dict(src.encoder_state_dict())
-    partial.pop("cls_token")
+    partial.pop("cls_token.token")
     with pytest.raises(RuntimeError, match="cls_token"):
         dst.load_encoder_state_dict(partial, strict=True)
-    assert dst.load_encoder_state_dict(partial, strict=False).missing_keys == ["cls_token"]
+    assert dst.load_encoder_state_dict(partial, strict=False).missing_keys == ["cls_token.token"]
 
 
 # ---------------------------------------------------------------- config
@@ -386,3 +386,17 @@ def test_flops_estimate_matches_counter(fusion, decoder):
     measured = counter.get_total_flops() / 2
     assert measured == pytest.approx(estimate_flops_per_sample(cfg, (32, 48)), rel=1e-3)
     assert estimate_flops_per_sample(cfg, 64) > estimate_flops_per_sample(cfg, 32)
+
+
+@pytest.mark.parametrize("fusion", ["xattn", "stack"])
+def test_bf16_weights_and_inputs_stay_bf16(fusion):
+    """DeepSpeed's bf16 mode casts the parameters themselves (no autocast): nothing may promote to float32."""
+    torch.manual_seed(0)
+    cfg = FusMAEConfig.preset("tiny", fusion=fusion, patch_size=8, img_size=32)
+    net = FusMAE(cfg).to(torch.bfloat16)
+    s1 = torch.randn(2, 2, 32, 32, dtype=torch.bfloat16)
+    s2 = torch.randn(2, 13, 32, 32, dtype=torch.bfloat16)
+    out = net(s1, s2)
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert net.encode(s1, s2).dtype == torch.bfloat16

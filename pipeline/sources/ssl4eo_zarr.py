@@ -87,6 +87,22 @@ def _per_time(arr, i: int, t: int) -> Any:
     return v[t] if np.ndim(v) > 0 else v
 
 
+class _LocationCache:
+    """All time steps of the current location: the files chunk one location (all seasons) per chunk,
+    so reading (sample, time) one by one would decompress the same chunk once per season."""
+
+    def __init__(self):
+        self.key: Optional[tuple[int, int]] = None
+        self.arrays: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
+
+    def get(self, ds1, ds2, i1: int, i2: int) -> tuple[np.ndarray, np.ndarray]:
+        """(time, bands, y, x) arrays of S1 location ``i1`` and S2 location ``i2``."""
+        if self.key != (i1, i2):
+            self.arrays = (np.asarray(ds1["bands"][i1].values), np.asarray(ds2["bands"][i2].values))
+            self.key = (i1, i2)
+        return self.arrays
+
+
 class SSL4EOZarr(Source):
     name = "ssl4eo-zarr"
     version = "SSL4EO-S12 v1.1 (Zarr)"
@@ -237,6 +253,7 @@ class SSL4EOZarr(Source):
             for it in items:
                 yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
             return
+        location = _LocationCache()
         order1 = self._band_order(ds1, self.s1_bands)
         order2 = self._band_order(ds2, self.s2_bands)
         for it in items:
@@ -248,8 +265,8 @@ class SSL4EOZarr(Source):
                                 it.key, it.time_index)
                 continue
             try:
-                s1 = np.asarray(ds1["bands"][it.refs["i1"], it.time_index].values)[order1]
-                s2 = np.asarray(ds2["bands"][it.refs["i2"], it.time_index].values)[order2]
+                s1, s2 = location.get(ds1, ds2, it.refs["i1"], it.refs["i2"])
+                s1, s2 = s1[it.time_index][order1], s2[it.time_index][order2]
             except Exception as err:  # noqa: BLE001 - a corrupt chunk loses this sample only
                 yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
                 continue

@@ -1,0 +1,275 @@
+"""Training loader throughput, from local shards and from S3, against the source and the training step.
+
+Builds a shard set of 264 x 264 samples (13 + 2 bands, ~2 MB each): by default from a
+synthetic SSL4EO-S12 v1.1 Zarr archive (`pipeline.synthetic.make_ssl4eo_zarr`, then
+`python -m pipeline.preprocess`), or with `tests/shardfactory.py` (``--source factory``).
+Then measures, each for ``--seconds``:
+
+- the source read straight, in one process: the Zarr archive's samples (S1 + S2 cubes
+  through xarray, as preprocessing reads them), and the shards' raw tar + ``np.load``;
+- `launch.loader.ShardLoader` with ``--workers`` processes, from the local folder and
+  from S3 (a moto server subprocess on loopback, reached through AWS_ENDPOINT_URL);
+- a Fus-MAE training step (DeviceAugment + forward + backward + AdamW) on a loader batch,
+
+and prints a Markdown table with the ratio of loader supply to training consumption.
+
+    python bench/bench_loader.py                                  # ~1-2 min on 2 cores
+    python bench/bench_loader.py --model vit_s --device cuda --json bench/results/loader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+# Runnable as a plain script from any directory: the repository root holds `launch/`, `model/`, `tests/`.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from bench_attention import hardware  # noqa: E402
+from launch.augment import DeviceAugment  # noqa: E402
+from launch.loader import ShardLoader, load_manifest  # noqa: E402
+from model import FusMAE, FusMAEConfig  # noqa: E402
+from pipeline.shards import decode_npy, iter_tar_samples  # noqa: E402
+
+MB = 1 << 20
+
+
+def timed(items: Iterator[int], seconds: float, warmup: int = 1) -> dict[str, float]:
+    """Pull sample counts from ``items`` for ``seconds`` after ``warmup`` pulls; samples/s."""
+    for _ in range(warmup):
+        next(items)
+    start, samples = time.perf_counter(), 0
+    while (elapsed := time.perf_counter() - start) < seconds:
+        samples += next(items)
+    return {"samples": samples, "seconds": elapsed, "samples_per_s": samples / elapsed}
+
+
+def forever(fn: Callable[[], Iterator[int]]) -> Iterator[int]:
+    while True:
+        yield from fn()
+
+
+# -- shard sets ---------------------------------------------------------------------------------
+
+
+def build_synthetic(work: Path, locations: int) -> tuple[str, Path]:
+    from pipeline import synthetic
+
+    archive = work / "ssl4eo"
+    synthetic.make_ssl4eo_zarr(archive, splits={"train": max(1, locations // 8)}, samples_per_file=min(8, locations),
+                               size=264, seed=0, products=("S1GRD", "S2L1C"))
+    shards = work / "shards"
+    subprocess.run([sys.executable, "-m", "pipeline.preprocess", "--no-progress", "--source", "ssl4eo-zarr",
+                    "--input", str(archive), "--output", str(shards), "--split", "train", "--workers", "2",
+                    "--shard-size-mb", "32"], cwd=ROOT, check=True, capture_output=True)
+    return str(shards / "manifest.json"), archive
+
+
+def build_factory(work: Path, samples: int) -> tuple[str, None]:
+    from shardfactory import make_shard_set
+
+    sizes = [16] * (samples // 16) + ([samples % 16] if samples % 16 else [])
+    return make_shard_set(str(work / "shards"), sizes, hw=264, s2_channels=13, s1_dtype="float16"), None
+
+
+# -- reading the source directly ----------------------------------------------------------------
+
+
+def zarr_samples(archive: Path) -> Iterator[int]:
+    """Every (location, season) sample of the archive: S1 and S2 cubes, as preprocessing reads them."""
+    from pipeline.sources.ssl4eo_zarr import open_zarr_zip
+    from pipeline.storage import url_to_fs
+
+    fs, _ = url_to_fs(str(archive))
+    for s2_path in sorted((archive / "train" / "S2L1C").glob("*.zarr.zip")):
+        s1_path = archive / "train" / "S1GRD" / s2_path.name
+        ds1, ds2 = open_zarr_zip(fs, str(s1_path)), open_zarr_zip(fs, str(s2_path))
+        for i in range(ds2.sizes["sample"]):
+            for t in range(ds2.sizes["time"]):
+                np.asarray(ds1["bands"][i, t].values)
+                np.asarray(ds2["bands"][i, t].values)
+                yield 1
+
+
+def tar_samples(manifest_url: str) -> Iterator[int]:
+    """Every sample of the shard set: tar members and np.load of both arrays, one process."""
+    folder = Path(manifest_url).parent
+    for shard in load_manifest(manifest_url).shards:
+        with open(folder / shard.name, "rb") as f:
+            for sample in iter_tar_samples(f):
+                decode_npy(sample["s1.npy"])
+                decode_npy(sample["s2.npy"])
+                yield 1
+
+
+def loader_samples(loader: ShardLoader) -> Iterator[int]:
+    for batch in loader:
+        yield len(batch["keys"])
+
+
+# -- S3 on loopback -----------------------------------------------------------------------------
+
+
+class MotoS3:
+    """A moto S3 server subprocess on loopback; the AWS variables point every client (and worker) at it."""
+
+    def __enter__(self) -> "MotoS3":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1)
+                break
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.2)
+        self.saved = {k: os.environ.get(k) for k in
+                      ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                          AWS_ENDPOINT_URL=self.url)
+        return self
+
+    def upload(self, folder: Path) -> str:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("bench")
+        fs.put([str(p) for p in sorted(folder.glob("*.tar"))] + [str(folder / "manifest.json")], "bench/shards/")
+        return "s3://bench/shards/manifest.json"
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+# -- the training step --------------------------------------------------------------------------
+
+
+def train_step_rate(manifest_url: str, args: argparse.Namespace) -> dict[str, float]:
+    device = torch.device(args.device)
+    loader = ShardLoader(manifest_url, micro_batch_size=args.mb, num_workers=0, seed=0)
+    batch = next(iter(loader))
+    augment = DeviceAugment(loader.manifest, args.image_size).to(device)
+    cfg = FusMAEConfig.preset(args.model, img_size=args.image_size, s2_channels=loader.manifest.shape("s2")[0])
+    torch.manual_seed(0)
+    net = FusMAE(cfg).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def steps() -> Iterator[int]:
+        s1, s2, _ = augment(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = net(s1, s2).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        yield args.mb
+
+    return timed(forever(steps), args.seconds, warmup=2)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["synthetic", "factory"], default="synthetic")
+    parser.add_argument("--samples", type=int, default=64, help="samples in the shard set (synthetic: 4 per location)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
+    parser.add_argument("--mb", type=int, default=8, help="micro batch size")
+    parser.add_argument("--shuffle-buffer", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per row")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "vit_s", "vit_b"])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) row")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        if args.source == "synthetic":
+            manifest_url, archive = build_synthetic(work, max(1, args.samples // 4))
+        else:
+            manifest_url, archive = build_factory(work, args.samples)
+        manifest = load_manifest(manifest_url)
+        sample_mb = sum(s.bytes for s in manifest.shards) / manifest.num_samples / MB
+        build_s = time.perf_counter() - t0
+
+        if archive is not None:
+            rows["source: Zarr archive (xarray), 1 process"] = {**timed(forever(lambda: zarr_samples(archive)),
+                                                                        args.seconds), "workers": 1}
+        rows["source: shard tar + np.load, 1 process"] = {**timed(forever(lambda: tar_samples(manifest_url)),
+                                                                  args.seconds), "workers": 1}
+        kw = dict(micro_batch_size=args.mb, num_workers=args.workers, seed=0, shuffle_buffer=args.shuffle_buffer)
+        loader = ShardLoader(manifest_url, **kw)
+        rows[f"ShardLoader, local shards, {args.workers} workers"] = {
+            **timed(loader_samples(loader), args.seconds, warmup=2 * max(1, args.workers)), "workers": args.workers}
+        if not args.no_s3:
+            with MotoS3() as s3:
+                s3_url = s3.upload(Path(manifest_url).parent)
+                loader = ShardLoader(s3_url, **kw)
+                rows[f"ShardLoader, S3 (moto on loopback), {args.workers} workers"] = {
+                    **timed(loader_samples(loader), args.seconds, warmup=2 * max(1, args.workers)),
+                    "workers": args.workers}
+                del loader
+        train = train_step_rate(manifest_url, args)
+
+    for row in rows.values():
+        row["per_worker"] = row["samples_per_s"] / max(1, row["workers"])
+        row["MB_per_s"] = row["samples_per_s"] * sample_mb
+        row["x_train_step"] = row["samples_per_s"] / train["samples_per_s"]
+    setup = {"source": args.source, "samples": manifest.num_samples, "shards": len(manifest.shards),
+             "sample_MB": round(sample_mb, 2), "image": list(manifest.image_size),
+             "dtypes": [str(manifest.dtype("s1")), str(manifest.dtype("s2"))], "micro_batch": args.mb,
+             "shuffle_buffer": args.shuffle_buffer, "seconds_per_row": args.seconds, "build_s": round(build_s, 1)}
+    hw = hardware(torch.device(args.device))
+
+    print("## Training loader throughput\n")
+    print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()) + "\n")
+    print("Hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()) + "\n")
+    print("| path | samples/s | per worker | MB/s | x training step |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['samples_per_s']:.1f} | {r['per_worker']:.1f} | {r['MB_per_s']:.0f} | "
+              f"{r['x_train_step']:.1f} |")
+    print(f"| training step: FusMAE {args.model}, {args.image_size} px, batch {args.mb}, {args.device} "
+          f"(DeviceAugment + fwd + bwd + AdamW) | {train['samples_per_s']:.1f} | | | 1.0 |")
+    print("\n'x training step': samples/s supplied per sample/s the training step consumes on this machine "
+          "(> 1: the loader keeps up). Loader rows include the main process taking batches; "
+          "on few cores, workers, main process and moto share the CPUs.")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"setup": setup, "hardware": hw, "rows": rows, "train_step": train},
+                                        indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Throughput of the preprocessing job against the floor of merely reading its inputs.
+
+Generates a synthetic archive in a published layout at the real tile size
+(264 x 264 px at 10 m), then times, on the same inputs:
+
+1. the floor: the source's own ``plan`` and ``read`` in this process, samples
+   decoded and discarded (no encoding, hashing, statistics, tar or Ray);
+2. ``python -m pipeline.preprocess`` as a subprocess with ``--workers 1``, output
+   to a local temporary folder;
+3. the same with ``--workers 2`` (more with ``--workers 1 2 4``), and the scaling;
+4. with ``--s3``, the same jobs again with output to a moto S3 server on loopback.
+
+A job's throughput is taken from the manifest's ``run.seconds`` (planning plus
+shard tasks; it excludes interpreter start, imports and ``ray.init``); the
+subprocess wall clock is reported beside it. MB are decoded sample bytes
+(s1.nbytes + s2.nbytes, 10^6 bytes), the same for every row.
+
+    python bench/bench_preprocess.py                       # ssl4eo-zarr, ~1 min on 2 cores
+    python bench/bench_preprocess.py --source ssl4eo-tiff --samples 384
+    python bench/bench_preprocess.py --s3 --json bench/results/preprocess.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+# Runnable as a plain script from any directory: the repository root holds `pipeline/`.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.sources import SOURCES, Rejection, SourceOptions  # noqa: E402
+from pipeline.synthetic import make_ssl4eo_tiff, make_ssl4eo_zarr  # noqa: E402
+
+SIZE = 264  # px per side at 10 m, as in SSL4EO-S12
+SEASONS = 4  # samples per location in both SSL4EO layouts (one per season)
+LOCATIONS_PER_ZARR_FILE = 64  # as in the published v1.1 files
+# The same variables the tests use for their moto server (tests/conftest.py).
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench-access-key",
+    "AWS_SECRET_ACCESS_KEY": "bench-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_PLANNED = re.compile(r"planned (\d+) samples in (\d+) shards .* in ([\d.]+)s")
+
+
+# -- hardware ------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def hardware() -> dict[str, Any]:
+    import numpy
+    import ray
+    import zarr
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "numpy": numpy.__version__,
+        "zarr": zarr.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def load_average() -> Optional[float]:
+    """1-minute load average: other work on the cores skews the scaling most of all."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+# -- the archive ---------------------------------------------------------------------------
+
+
+def make_archive(source: str, root: Path, samples: int) -> dict[str, Any]:
+    """Write an archive of at least ``samples`` samples (locations x 4 seasons); describe it."""
+    locations = math.ceil(samples / SEASONS)
+    if source == "ssl4eo-zarr":
+        n_files = math.ceil(locations / LOCATIONS_PER_ZARR_FILE)
+        per_file = math.ceil(locations / n_files)
+        # Only the products the default reader options open (L1C): L2A would double the generation time.
+        make_ssl4eo_zarr(root, splits={"train": n_files}, samples_per_file=per_file, size=SIZE,
+                         products=("S1GRD", "S2L1C"))
+        return {"locations": n_files * per_file, "files": 2 * n_files, "locations_per_file": per_file}
+    if source == "ssl4eo-tiff":
+        make_ssl4eo_tiff(root, n_locations=locations, size=SIZE)
+        return {"locations": locations, "files": locations * SEASONS * (2 + 13)}
+    raise ValueError(f"unsupported source {source!r}")
+
+
+def disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# -- the floor: read and decode only -------------------------------------------------------
+
+
+def serial_map(fn, args):
+    return [fn(a) for a in args]
+
+
+def read_floor(source: str, input_url: str, profile: int = 0) -> dict[str, Any]:
+    """Plan serially, then read every sample of 'train' in this process and discard it."""
+    src = SOURCES[source](input_url, SourceOptions())
+    start = time.perf_counter()
+    items, rejects = src.plan("train", serial_map)
+    plan_s = time.perf_counter() - start
+    profiler = cProfile.Profile() if profile else None
+    samples = nbytes = rejected = 0
+    cpu_start = time.process_time()  # every thread of this process: codecs may decode on threads
+    start = time.perf_counter()
+    with profiler or contextlib.nullcontext():
+        for result in src.read(items, "train"):
+            if isinstance(result, Rejection):
+                rejected += 1
+                continue
+            samples += 1
+            nbytes += result.s1.nbytes + result.s2.nbytes
+    read_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start
+    out = {"samples": samples, "rejected": rejected + len(rejects), "bytes": nbytes,
+           "plan_seconds": plan_s, "read_seconds": read_s, "cpu_seconds": cpu_s, "cores_busy": cpu_s / read_s}
+    if profiler is not None:
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(profile)
+        out["profile"] = buf.getvalue()
+    return out
+
+
+# -- the job -------------------------------------------------------------------------------
+
+
+def run_job(source: str, input_url: str, output_url: str, workers: int, shard_size_mb: float) -> dict[str, Any]:
+    """Run ``python -m pipeline.preprocess`` as a user would; wall clock and the manifest's facts."""
+    from pipeline.storage import read_bytes, url_to_fs
+
+    cmd = [sys.executable, "-m", "pipeline.preprocess", "--source", source, "--input", input_url,
+           "--output", output_url, "--workers", str(workers), "--shard-size-mb", str(shard_size_mb),
+           "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+                 f"\n--- stderr\n{proc.stderr[-5000:]}")
+    planned = _PLANNED.search(proc.stdout)
+    storage_options: dict[str, Any] = {"skip_instance_cache": True} if output_url.startswith("s3://") else {}
+    fs, root = url_to_fs(output_url, storage_options)
+    manifest = json.loads(read_bytes(fs, f"{root}/manifest.json"))
+    return {
+        "workers": workers,
+        "wall_seconds": wall,
+        "job_seconds": manifest["run"]["seconds"],
+        "plan_seconds": float(planned[3]) if planned else None,
+        "samples": manifest["totals"]["samples"],
+        "shards": manifest["totals"]["shards"],
+        "tar_bytes": manifest["totals"]["bytes"],
+        "quarantined": manifest["totals"]["quarantined"],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(log_path: Path) -> Iterator[str]:
+    """A moto S3 server in its own process on loopback (as tests/conftest.py starts one); yields its URL."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def s3_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"bench-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)  # credentials from S3_ENV
+    return f"s3://{name}"
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def rates(samples: int, seconds: float, bytes_per_sample: float, workers: int = 1) -> dict[str, float]:
+    sps = samples / seconds
+    return {
+        "samples_per_s": sps,
+        "mb_per_s": sps * bytes_per_sample / 1e6,
+        "samples_per_s_per_worker": sps / workers,
+        "mb_per_s_per_worker": sps * bytes_per_sample / 1e6 / workers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="ssl4eo-zarr", choices=["ssl4eo-zarr", "ssl4eo-tiff"])
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples to generate (locations x 4 seasons); default 768 for ssl4eo-zarr, "
+                             "384 for ssl4eo-tiff (~1 min in all on 2 cores)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="job runs, one per value; scaling is against the first")
+    parser.add_argument("--shard-size-mb", type=float, default=64.0,
+                        help="the job's --shard-size-mb; small enough for many more shards than workers, "
+                             "so that the last shard does not limit the scaling (the job's default is 512)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of the floor and of each job (interleaved); the fastest is reported, "
+                             "all go to --json")
+    parser.add_argument("--s3", action="store_true", help="also run every job with output to a moto S3 server")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="cProfile the floor's read loop and print its top N functions by own time")
+    parser.add_argument("--tmpdir", type=Path, default=None, help="where the archive and outputs go")
+    parser.add_argument("--keep", action="store_true", help="keep the archive and outputs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.repeat < 1 or (args.samples is not None and args.samples < 1) or min(args.workers) < 1:
+        parser.error("--repeat, --samples and --workers must be >= 1")
+    samples_wanted = args.samples or {"ssl4eo-zarr": 768, "ssl4eo-tiff": 384}[args.source]
+
+    load_before = load_average()
+    work = Path(tempfile.mkdtemp(prefix="fusmae-bench-preprocess-", dir=args.tmpdir))
+    try:
+        start = time.perf_counter()
+        archive = make_archive(args.source, work / "archive", samples_wanted)
+        archive.update(generate_seconds=time.perf_counter() - start, disk_bytes=disk_bytes(work / "archive"))
+        input_url = str(work / "archive")
+
+        # The fastest of --repeat runs: on a shared machine the least disturbed one.
+        floors = [read_floor(args.source, input_url) for _ in range(args.repeat)]
+        floor = min(floors, key=lambda f: f["read_seconds"])
+        # The profiler slows the loop down: a run of its own, not timed.
+        profile = read_floor(args.source, input_url, args.profile)["profile"] if args.profile else None
+        floor["all_read_seconds"] = [f["read_seconds"] for f in floors]
+        bytes_per_sample = floor["bytes"] / floor["samples"]
+        floor.update(rates(floor["samples"], floor["read_seconds"], bytes_per_sample))
+
+        targets = [("local", None)]
+        stack = contextlib.ExitStack()
+        if args.s3:
+            endpoint = stack.enter_context(moto_server(work / "moto.log"))
+            # This process (bucket creation, manifest read) and the jobs see the server as AWS.
+            os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+            targets.append(("s3", endpoint))
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        with stack:
+            for target, endpoint in targets:
+                for _ in range(args.repeat):  # interleaved: 1, 2, 1, 2 workers, so drift hits both alike
+                    for workers in args.workers:
+                        if endpoint:
+                            output_url = f"{s3_bucket(endpoint)}/shards"
+                        else:
+                            output_url = str(work / f"out-w{workers}-{uuid.uuid4().hex[:8]}")
+                        job = run_job(args.source, input_url, output_url, workers, args.shard_size_mb)
+                        if job["samples"] != floor["samples"]:
+                            sys.exit(f"the job wrote {job['samples']} samples, the floor read {floor['samples']}")
+                        runs.setdefault((target, workers), []).append(job)
+                        if endpoint is None and not args.keep:
+                            shutil.rmtree(output_url, ignore_errors=True)  # ~2 MB a sample: do not pile up
+        jobs = []
+        for (target, workers), tries in runs.items():
+            job = dict(min(tries, key=lambda j: j["job_seconds"]), target=target)
+            job["all_job_seconds"] = [j["job_seconds"] for j in tries]
+            job.update(rates(job["samples"], job["job_seconds"], bytes_per_sample, workers))
+            job["wall_samples_per_s"] = job["samples"] / job["wall_seconds"]
+            job["over_floor_per_worker"] = job["samples_per_s_per_worker"] / floor["samples_per_s"]
+            jobs.append(job)
+        for target, _ in targets:
+            same = [j for j in jobs if j["target"] == target]
+            for j in same:
+                j["scaling_vs_first"] = j["samples_per_s"] / same[0]["samples_per_s"]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    hw = hardware()
+    hw["load_avg_1m"] = f"{load_before} at start, {load_average()} at end"
+    setup = {
+        "source": args.source, "size_px": SIZE, "samples": floor["samples"], "locations": archive["locations"],
+        "input_files": archive["files"], "archive_mb": round(archive["disk_bytes"] / 1e6, 1),
+        "decoded_mb_per_sample": round(bytes_per_sample / 1e6, 3), "shard_size_mb": args.shard_size_mb,
+        "shards": jobs[0]["shards"], "workers": args.workers, "s3": args.s3, "repeat": args.repeat,
+        "generate_s": round(archive["generate_seconds"], 1), "input": "local disk (page cache warm)",
+    }
+
+    print(f"## Preprocessing throughput: {args.source}, job vs read-only floor\n")
+    print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()) + "\n")
+    print("Hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()) + "\n")
+    print("| run | output | workers | wall s | job s | samples/s | MB/s | samples/s/worker | MB/s/worker "
+          "| per worker / floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| floor: plan + read, one process | none | 1 | {floor['read_seconds']:.2f} | – "
+          f"| {floor['samples_per_s']:.1f} | {floor['mb_per_s']:.0f} | {floor['samples_per_s']:.1f} "
+          f"| {floor['mb_per_s']:.0f} | 1.00 |")
+    for j in jobs:
+        print(f"| preprocess | {j['target']} | {j['workers']} | {j['wall_seconds']:.2f} | {j['job_seconds']:.2f} "
+              f"| {j['samples_per_s']:.1f} | {j['mb_per_s']:.0f} | {j['samples_per_s_per_worker']:.1f} "
+              f"| {j['mb_per_s_per_worker']:.0f} | {j['over_floor_per_worker']:.2f} |")
+    print(f"\nFloor: planning took {floor['plan_seconds']:.2f} s (not in the floor's wall s, which is the read "
+          f"loop only); the read loop kept {floor['cores_busy']:.2f} cores busy (CPU time of all its threads / "
+          f"wall), so per worker / floor compares one worker with that. Job s is the manifest's run.seconds: "
+          f"planning (on Ray) plus the shard tasks, without interpreter start, imports and ray.init; the jobs' "
+          f"throughputs are computed from it. Wall s is the subprocess's whole life."
+          + (f" Each row is the fastest of {args.repeat} runs (all in --json)." if args.repeat > 1 else ""))
+    for j in jobs:
+        plan = f"{j['plan_seconds']:.1f} s planning" if j["plan_seconds"] is not None else "planning not reported"
+        print(f"- {j['target']}, {j['workers']} worker(s): {plan}; start-up and shutdown outside run.seconds "
+              f"{j['wall_seconds'] - j['job_seconds']:.1f} s; {j['wall_samples_per_s']:.1f} samples/s by wall "
+              f"clock; tar output {j['tar_bytes'] / 1e6:.0f} MB in {j['shards']} shards")
+    for target, _ in targets:
+        same = [j for j in jobs if j["target"] == target]
+        for j in same[1:]:
+            print(f"\nScaling ({target}): {j['workers']} workers / {same[0]['workers']} worker(s) = "
+                  f"{j['scaling_vs_first']:.2f}x throughput (run.seconds), on a machine with "
+                  f"{hw['usable_cores']} usable cores (the Ray driver and raylet share them"
+                  + (", and so does the moto server" if target == "s3" else "") + ")")
+    if jobs[0]["shards"] < 4 * max(args.workers):
+        print(f"\nNote: only {jobs[0]['shards']} shards for up to {max(args.workers)} workers: the last shards leave "
+              "workers idle, so the scaling understates the workers' own; raise --samples or lower --shard-size-mb.")
+    if args.profile:
+        print("\n### cProfile of the floor's read loop (by own time)\n")
+        print("```\n" + profile.strip() + "\n```")
+
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(
+            {"setup": setup, "hardware": hw, "archive": archive, "floor": floor, "jobs": jobs}, indent=2
+        ) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""DeepSpeed pretraining end to end: real `deepspeed` launches with 2 CPU ranks, real S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, S3_ENV, fresh_s3fs, run_module
+from pipeline import synthetic
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed(ranks: int, *overrides: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N launch/train.py --config configs/debug.yaml overrides...`, as a user runs it."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port()),
+           str(ROOT / "launch" / "train.py"), "--config", DEBUG, *overrides]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    # Output goes to files, not pipes: a pipe would keep the call waiting on any grandchild still holding it.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=err, timeout=600).returncode
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"deepspeed exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A small SSL4EO-S12 shard set made by the real pipeline: 24 samples in uneven shards of 5,5,5,5,4."""
+    root = tmp_path_factory.mktemp("train_data")
+    synthetic.make_ssl4eo_zarr(str(root / "archive"), splits={"train": 2}, samples_per_file=3, size=48, seed=11)
+    run_module("pipeline.preprocess", "--no-progress", "--source", "ssl4eo-zarr", "--input", str(root / "archive"),
+               "--output", str(root / "shards"), "--workers", "1", "--samples-per-shard", "5")
+    m = json.loads((root / "shards" / "manifest.json").read_text())
+    assert [s["samples"] for s in m["shards"]] == [5, 5, 5, 5, 4]
+    return root / "shards"
+
+
+def common(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.manifest={shards / 'manifest.json'}", f"run.dir={run_dir}", "train.log_every=1",
+            "data.num_workers=2", *extra]
+
+
+def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_path, s3_bucket):
+    # uninterrupted, checkpoints to a local folder
+    a = tmp_path / "a"
+    deepspeed(2, *common(shards, a, "train.max_steps=8", "checkpoint.every_steps=4", f"checkpoint.dir={a / 'ckpt'}"))
+    full = metrics(a)
+    assert [r["step"] for r in full] == list(range(1, 9))
+    for r in full:
+        for key in ("loss", "loss_s1", "loss_s2", "lr", "samples_per_s"):
+            assert np.isfinite(r[key])
+
+    # the same run stopped at step 4 and resumed from S3 with resume=auto
+    b = tmp_path / "b"
+    ckpt = f"{s3_bucket}/runs/b"
+    proc = deepspeed(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
+                                f"checkpoint.dir={ckpt}", "train.stop_at_step=4"))
+    fs = fresh_s3fs()
+    assert json.loads(fs.cat_file(f"{ckpt}/latest"))["tag"] == "step-00000004"
+    proc = deepspeed(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
+                                f"checkpoint.dir={ckpt}", "resume=auto"))
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    resumed = metrics(b)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in full], rtol=1e-5)
+    np.testing.assert_allclose([r["loss_s2"] for r in resumed], [r["loss_s2"] for r in full], rtol=1e-5)
+    np.testing.assert_allclose([r["lr"] for r in resumed], [r["lr"] for r in full], rtol=1e-9)
+
+    # keep=2: only the two newest committed checkpoints remain; the export and the pictures are there
+    fs = fresh_s3fs()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(ckpt) if "step-" in p) == ["step-00000006", "step-00000008"]
+    assert fs.exists(f"{ckpt}/encoder.safetensors") and fs.exists(f"{ckpt}/encoder_config.json")
+    assert list(b.glob("reconstruction-step-*.png"))
+    # no credentials in what was written
+    secret = S3_ENV["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in (b / "config.yaml").read_text()
+    for p in fs.find(ckpt):
+        if p.endswith((".json", "latest")):
+            assert secret.encode() not in fs.cat_file(p)
+
+
+def test_zero3_bf16_trains_checkpoints_and_exports(shards, tmp_path):
+    run = tmp_path / "z3"
+    deepspeed(2, *common(shards, run, "deepspeed.zero_stage=3", "train.bf16=true", "train.max_steps=4",
+                         "checkpoint.every_steps=2", f"checkpoint.dir={run / 'ckpt'}"))
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    from launch.export import load_encoder
+
+    net, meta = load_encoder(str(run / "ckpt"))
+    assert meta["model"]["fusion"] == "xattn" and meta["step"] == 4
+    s1, s2 = torch.randn(2, 2, 32, 32), torch.randn(2, 13, 32, 32)
+    feats = net.encode(s1, s2)
+    assert feats.shape == (2, net.cfg.embed_dim) and torch.isfinite(feats).all()
+    # the exported weights are the trained ones, not the initialisation
+    from safetensors.torch import load_file
+    from model import FusMAE
+
+    fresh = FusMAE(net.cfg).encoder_state_dict()
+    trained = load_file(str(run / "ckpt" / "encoder.safetensors"))
+    assert any(not torch.equal(trained[k], fresh[k].float()) for k in trained if k.startswith("blocks"))
+
+
+def test_rank_killed_during_upload_leaves_previous_checkpoint(shards, tmp_path):
+    run = tmp_path / "kill"
+    ckpt = run / "ckpt"
+    args = common(shards, run, "train.max_steps=4", "checkpoint.every_steps=2", f"checkpoint.dir={ckpt}")
+    proc = deepspeed(2, *args, env={"FUSMAE_FAULT": "kill-during-upload:4:1"}, check=False)
+    assert proc.returncode != 0
+    assert json.loads((ckpt / "latest").read_text())["tag"] == "step-00000002"
+    proc = deepspeed(2, *args, "resume=auto")
+    assert "at step 2" in proc.stdout
+    assert json.loads((ckpt / "latest").read_text())["tag"] == "step-00000004"
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+
+
+def test_resume_at_a_different_world_size(shards, tmp_path):
+    run = tmp_path / "ws"
+    ckpt = run / "ckpt"
+    deepspeed(2, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
+                         "train.stop_at_step=3"))
+    proc = deepspeed(1, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
+                                "resume=auto"))
+    assert "universal conversion from world size 2" in proc.stdout
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_corrupt_shard_is_skipped_and_ranks_stay_in_step(shards, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    m = json.loads((data / "manifest.json").read_text())
+    victim = data / m["shards"][1]["name"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated mid-sample
+    run = tmp_path / "run"
+    proc = deepspeed(2, f"data.manifest={data / 'manifest.json'}", f"run.dir={run}", "train.log_every=1",
+                     "train.max_steps=12", "data.num_workers=1")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["skipped_shards"] >= 1
+    assert proc.stdout.count("finished 12 steps") == 2  # both ranks ran every step
+
+
+def test_bad_config_fails_before_launching_work(shards, tmp_path):
+    proc = deepspeed(1, f"data.manifest={shards / 'manifest.json'}", "train.max_stepz=3", check=False)
+    assert proc.returncode != 0 and "train.max_stepz" in proc.stderr + proc.stdout
+    proc = deepspeed(1, f"data.manifest={shards / 'manifest.json'}", "model.s2_channels=12", f"run.dir={tmp_path}",
+                     check=False)
+    assert proc.returncode != 0 and "model.s2_channels=12" in proc.stderr + proc.stdout
