@@ -71,7 +71,8 @@ class CheckpointStore:
     def __init__(self, url: str, staging: str, rank: int, world_size: int, keep: int,
                  storage_options: Optional[dict[str, Any]] = None, commit_timeout_s: float = 3600.0):
         self.url = url.rstrip("/")
-        self.fs, self.root = url_to_fs(self.url, storage_options or {})
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = url_to_fs(self.url, self.storage_options)
         self.staging = staging
         self.rank, self.world_size, self.keep = rank, world_size, keep
         self.commit_timeout_s = commit_timeout_s
@@ -212,13 +213,13 @@ class CheckpointStore:
         url = resume.rstrip("/")
         base, _, last = url.rpartition("/")
         if last.startswith("step-"):
-            store = CheckpointStore(base, self.staging, self.rank, self.world_size, self.keep)
+            store = CheckpointStore(base, self.staging, self.rank, self.world_size, self.keep, self.storage_options)
             records = store._rank_records(last)
             if not records or not store._complete(last, records[0]["run_id"]):
                 raise FileNotFoundError(f"resume={redact_url(resume)}: not a complete checkpoint")
             r = records[0]
             return store, Committed(last, r["step"], r["world_size"], r["zero_stage"], r["run_id"])
-        store = CheckpointStore(url, self.staging, self.rank, self.world_size, self.keep)
+        store = CheckpointStore(url, self.staging, self.rank, self.world_size, self.keep, self.storage_options)
         found = store.latest()
         if found is None:
             raise FileNotFoundError(f"resume={redact_url(resume)}: no committed checkpoint there")

@@ -164,19 +164,21 @@ def _describe(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load ``path`` (YAML) over the schema defaults, then ``key=value`` overrides.
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, schema: type = Config):
+    """Load ``path`` (YAML) over the defaults of ``schema`` (a dataclass), then ``key=value`` overrides.
 
     Raises ConfigError naming the file and key for unknown keys, wrong types,
     malformed overrides, missing required values and violated cross-field rules.
+    The pretraining schema `Config` is the default; evaluation passes its own.
     """
     overrides = list(overrides or [])
-    schema = OmegaConf.structured(Config)
-    # The default model instance already filled its architecture fields from the
-    # default preset; clear them so that `model.size` in a file or override decides.
-    for key in PRESET_FIELDS:
-        schema.model[key] = None
-    layers = [schema]
+    base = OmegaConf.structured(schema)
+    if "model" in base:
+        # The default model instance already filled its architecture fields from the
+        # default preset; clear them so that `model.size` in a file or override decides.
+        for key in PRESET_FIELDS:
+            base.model[key] = None
+    layers = [base]
     where = path or "<defaults>"
     if path is not None:
         try:
@@ -202,12 +204,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         raise ConfigError(f"{where}: {_describe(err)}") from err
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from err
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, schema)
     return cfg
 
 
-def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config as YAML, credentials redacted."""
+def save_config(cfg: Any, path: str) -> None:
+    """Write a resolved config (any schema with ``to_dict``) as YAML, credentials redacted."""
     import fsspec
 
     text = OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict(redacted=True)))

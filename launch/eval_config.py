@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from launch.config import PRESET_FIELDS, ConfigError, _describe
+from launch.config import ConfigError, load_config, save_config
 from model.config import FusMAEConfig
 from pipeline.storage import redact
 
@@ -194,50 +193,10 @@ class EvalConfig:
 
 
 def load_eval_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> EvalConfig:
-    """Load ``path`` (YAML) over the evaluation schema's defaults, then ``key=value`` overrides.
-
-    Raises ConfigError naming the file and key for unknown keys, wrong types,
-    malformed overrides, missing required values and violated cross-field rules.
-    """
-    # The steps of `launch.config.load_config`, with the evaluation schema at the root.
-    overrides = list(overrides or [])
-    schema = OmegaConf.structured(EvalConfig)
-    for key in PRESET_FIELDS:  # let `model.size` in a file or override fill the architecture fields
-        schema.model[key] = None
-    layers = [schema]
-    where = path or "<defaults>"
-    if path is not None:
-        try:
-            layers.append(OmegaConf.load(path))
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except Exception as err:  # YAML syntax errors come from several yaml classes
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. eval.label_fraction=0.1")
-    try:
-        layers.append(OmegaConf.from_dotlist(overrides))
-        merged = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {_describe(err)}") from err
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{where}: required setting(s) not given: {', '.join(missing)}")
-    try:
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {_describe(err)}") from err
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from err
-    assert isinstance(cfg, EvalConfig)
-    return cfg
+    """`launch.config.load_config` with the evaluation schema at the root."""
+    return load_config(path, overrides, schema=EvalConfig)
 
 
 def save_eval_config(cfg: EvalConfig, path: str) -> None:
     """Write the resolved evaluation config as YAML, credentials redacted."""
-    import fsspec
-
-    text = OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict(redacted=True)))
-    with fsspec.open(path, "w") as f:
-        f.write(text)
+    save_config(cfg, path)
