@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from launch.config import ConfigError, load_config, save_config
+from launch.config import load_config, save_config
 from model.config import FusMAEConfig
 from pipeline.storage import redact
 

@@ -14,11 +14,9 @@ import math
 import os
 import subprocess
 import sys
-import time
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from launch import distributed
 from launch.augment import DeviceAugment
@@ -30,7 +28,7 @@ from launch.metrics import MetricsLogger
 from launch.pictures import save_reconstructions
 from model import FusMAE
 from model.flops import estimate_flops_per_sample
-from pipeline.storage import join, redact_url
+from pipeline.storage import redact_url
 
 log = logging.getLogger("launch.trainer")
 

@@ -14,28 +14,21 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     BAD_LABELS,
-    MISALIGNED,
     MISSING_PARTNER,
     S1_BANDS,
     S2_L2A_BANDS,
-    S2_RESOLUTION_M,
-    UNREADABLE,
-    WRONG_BAND_COUNT,
-    WRONG_SHAPE,
     Rejection,
     Result,
     Source,
     WorkItem,
     date_from_name,
-    upsample_nearest,
 )
-from pipeline.sources.geotiff import RasterError, center_lonlat, decode, fetch, footprint_offset_m
+from pipeline.sources.geotiff import PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
 
 BIGEARTHNET_19_CLASSES = (
     "Urban fabric",
@@ -230,36 +223,10 @@ class BigEarthNet(Source):
         def reject(url: str, reason: str, detail: str) -> Rejection:
             return Rejection(self.url(url), it.sample_id, reason, detail, it.key)
 
-        try:
-            raw = fetch(self.fs, s1_paths + s2_paths)
-        except FileNotFoundError as err:
-            return reject(str(err), WRONG_BAND_COUNT, f"missing band file {str(err).rsplit('/', 1)[-1]}")
-        except OSError as err:
-            return reject(it.refs["s2_dir"], UNREADABLE, f"{type(err).__name__}: {err}")
-        rasters = {}
-        for path in s1_paths + s2_paths:
-            try:
-                rasters[path] = decode(raw[path], path.rsplit("/", 1)[-1])
-            except RasterError as err:
-                return reject(path, UNREADABLE, str(err))
-        ref = rasters[s2_paths[1]]  # B02, 10 m
-        h, w = ref.data.shape
-        bands = []
-        for band, path in zip(self.s2_bands, s2_paths):
-            factor = S2_RESOLUTION_M[band] // 10
-            arr = rasters[path].data
-            if arr.shape != (h // factor, w // factor) or h % factor or w % factor:
-                return reject(path, WRONG_SHAPE, f"{band} is {arr.shape}, expected {(h // factor, w // factor)}")
-            bands.append(upsample_nearest(arr, factor))
-        s2 = np.stack(bands)
-        for path in s1_paths:
-            if rasters[path].data.shape != (h, w):
-                return reject(path, WRONG_SHAPE, f"S1 is {rasters[path].data.shape}, S2 grid is {(h, w)}")
-        s1 = np.stack([rasters[p].data for p in s1_paths])
-        offset = footprint_offset_m(rasters[s1_paths[0]], ref)
-        pixel = abs(ref.res[0])
-        if offset > pixel:
-            return reject(it.refs["s1_dir"], MISALIGNED, f"S1 and S2 footprints differ by {offset:.1f} m (> one {pixel:g} m pixel)")
+        got = read_pair(self.fs, s1_paths, s2_paths, self.s2_bands)
+        if isinstance(got, PairFailure):
+            return reject(got.path, got.reason, got.detail)
+        s1, s2, ref = got
         bad = self.check(it, s1, s2, self.url(it.refs["s2_dir"]))
         if bad is not None:
             return bad
