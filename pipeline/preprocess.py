@@ -45,6 +45,7 @@ from pipeline.sources import SOURCES, Rejection, Source, SourceOptions, WorkItem
 from pipeline.stats import BandMoments
 from pipeline.storage import (
     check_writable,
+    is_local,
     join,
     put_atomic,
     read_bytes,
@@ -120,7 +121,9 @@ def build_shard(spec: SourceSpec, split: str, index: int, items: list[WorkItem],
     rejections: list[dict[str, Any]] = []
     dtypes: dict[str, str] = {}
     shape: Optional[list[int]] = None
-    tmp = tempfile.mkdtemp(prefix="fusmae-shard-")
+    # A local output gets the tar written beside its final name and renamed (one write, atomic);
+    # an object store gets it staged on the worker's disk and uploaded in one PUT.
+    tmp = tempfile.mkdtemp(prefix=".fusmae-shard-", dir=root if is_local(fs) else None)
     try:
         local = os.path.join(tmp, name)
         with ShardWriter(local) as writer:
@@ -135,7 +138,10 @@ def build_shard(spec: SourceSpec, split: str, index: int, items: list[WorkItem],
                 dtypes.setdefault("s2", str(result.s2.dtype))
                 shape = shape or list(result.s2.shape[1:])
         if writer.samples:
-            put_atomic(fs, local, f"{root}/{name}")
+            if is_local(fs):
+                os.replace(local, f"{root}/{name}")
+            else:
+                put_atomic(fs, local, f"{root}/{name}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     record = {
@@ -245,6 +251,9 @@ def run_split(args: argparse.Namespace, spec: SourceSpec, source: Source, split:
             )
         retrying(fs.rm_file)(manifest_path)  # the old set is no longer committed from here on
     check_writable(fs, root)
+    if is_local(fs):  # staging folders of shards a killed run was still writing
+        for stale in fs.glob(f"{root}/.fusmae-shard-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     t0 = time.time()
     items, plan_rejects = source.plan(split, _ray_map)

@@ -309,7 +309,7 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(tmp_path, tmp_path_factory)
     assert strip(m_out) == strip(m_clean)
     for s in m_out["shards"]:
         assert (out / s["name"]).read_bytes() == (clean / s["name"]).read_bytes()
-    assert not list(out.glob(".*.tmp"))  # no half-written file left under any name
+    assert not list(out.glob(".*"))  # no half-written file or staging folder left under any name
 
     # a complete output with the same invocation: exits quickly and says so, touches nothing
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
