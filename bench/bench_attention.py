@@ -12,9 +12,6 @@ table with the hardware description.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,36 +21,12 @@ from pathlib import Path
 import torch
 
 # Runnable as a plain script from any directory: the repository root holds `model/`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from common import hardware, print_header, write_json  # noqa: E402
 from model import FusMAE, FusMAEConfig  # noqa: E402
 
 DEFAULT_BATCH = {"tiny": 32, "vit_s": 8}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware(device: torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def sync(device: torch.device) -> None:
@@ -131,9 +104,7 @@ def main() -> None:
         "device": args.device, "dtype": args.dtype,
     }
 
-    print("## Fus-MAE training step: SDPA vs eager attention\n")
-    print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()) + "\n")
-    print("Hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()) + "\n")
+    print_header("Fus-MAE training step: SDPA vs eager attention", setup, hw)
     print("| attention | step ms (median) | step ms (mean) | samples/s |")
     print("|---|---:|---:|---:|")
     for name, label in (("sdpa", "SDPA (fused_attn=True)"), ("eager", "eager (fused_attn=False)")):
@@ -141,11 +112,7 @@ def main() -> None:
         print(f"| {label} | {r['step_ms_median']:.1f} | {r['step_ms_mean']:.1f} | {r['samples_per_s']:.1f} |")
     print(f"\nSDPA / eager throughput (samples/s from the median step): {ratio:.2f}x")
 
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(
-            {"setup": setup, "hardware": hw, "results": results, "sdpa_over_eager": ratio}, indent=2
-        ) + "\n")
+    write_json(args.json, {"setup": setup, "hardware": hw, "results": results, "sdpa_over_eager": ratio})
 
 
 if __name__ == "__main__":

@@ -20,14 +20,10 @@ and prints a Markdown table with the ratio of loader supply to training consumpt
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,9 +32,9 @@ import torch
 
 # Runnable as a plain script from any directory: the repository root holds `launch/`, `model/`, `tests/`.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from bench_attention import hardware  # noqa: E402
+from common import hardware, moto_server, print_header, write_json  # noqa: E402
 from launch.augment import DeviceAugment  # noqa: E402
 from launch.loader import ShardLoader, load_manifest  # noqa: E402
 from model import FusMAE, FusMAEConfig  # noqa: E402
@@ -127,25 +123,8 @@ class MotoS3:
     """A moto S3 server subprocess on loopback; the AWS variables point every client (and worker) at it."""
 
     def __enter__(self) -> "MotoS3":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1)
-                break
-            except Exception:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.2)
-        self.saved = {k: os.environ.get(k) for k in
-                      ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                          AWS_ENDPOINT_URL=self.url)
+        self._server = moto_server(set_env=True)
+        self.url = self._server.__enter__()
         return self
 
     def upload(self, folder: Path) -> str:
@@ -157,13 +136,7 @@ class MotoS3:
         return "s3://bench/shards/manifest.json"
 
     def __exit__(self, *exc: Any) -> None:
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        self._server.__exit__(*exc)
 
 
 # -- the training step --------------------------------------------------------------------------
@@ -252,9 +225,7 @@ def main() -> None:
              "shuffle_buffer": args.shuffle_buffer, "seconds_per_row": args.seconds, "build_s": round(build_s, 1)}
     hw = hardware(torch.device(args.device))
 
-    print("## Training loader throughput\n")
-    print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()) + "\n")
-    print("Hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()) + "\n")
+    print_header("Training loader throughput", setup, hw)
     print("| path | samples/s | per worker | MB/s | x training step |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
@@ -265,10 +236,7 @@ def main() -> None:
     print("\n'x training step': samples/s supplied per sample/s the training step consumes on this machine "
           "(> 1: the loader keeps up). Loader rows include the main process taking batches; "
           "on few cores, workers, main process and moto share the CPUs.")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"setup": setup, "hardware": hw, "rows": rows, "train_step": train},
-                                        indent=1) + "\n")
+    write_json(args.json, {"setup": setup, "hardware": hw, "rows": rows, "train_step": train}, indent=1)
 
 
 if __name__ == "__main__":

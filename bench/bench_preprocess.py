@@ -29,82 +29,29 @@ import io
 import json
 import math
 import os
-import platform
 import pstats
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 # Runnable as a plain script from any directory: the repository root holds `pipeline/`.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from common import S3_ENV, hardware, load_average, moto_server, print_header, s3_bucket, write_json  # noqa: E402
 from pipeline.sources import SOURCES, Rejection, SourceOptions  # noqa: E402
 from pipeline.synthetic import make_ssl4eo_tiff, make_ssl4eo_zarr  # noqa: E402
 
 SIZE = 264  # px per side at 10 m, as in SSL4EO-S12
 SEASONS = 4  # samples per location in both SSL4EO layouts (one per season)
 LOCATIONS_PER_ZARR_FILE = 64  # as in the published v1.1 files
-# The same variables the tests use for their moto server (tests/conftest.py).
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "bench-access-key",
-    "AWS_SECRET_ACCESS_KEY": "bench-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 _PLANNED = re.compile(r"planned (\d+) samples in (\d+) shards .* in ([\d.]+)s")
-
-
-# -- hardware ------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def hardware() -> dict[str, Any]:
-    import numpy
-    import ray
-    import zarr
-
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "python": platform.python_version(),
-        "ray": ray.__version__,
-        "numpy": numpy.__version__,
-        "zarr": zarr.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def load_average() -> Optional[float]:
-    """1-minute load average: other work on the cores skews the scaling most of all."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 # -- the archive ---------------------------------------------------------------------------
@@ -196,47 +143,6 @@ def run_job(source: str, input_url: str, output_url: str, workers: int, shard_si
         "tar_bytes": manifest["totals"]["bytes"],
         "quarantined": manifest["totals"]["quarantined"],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def moto_server(log_path: Path) -> Iterator[str]:
-    """A moto S3 server in its own process on loopback (as tests/conftest.py starts one); yields its URL."""
-    port = free_port()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-                break
-            except Exception:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def s3_bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"bench-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)  # credentials from S3_ENV
-    return f"s3://{name}"
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -332,7 +238,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    hw = hardware()
+    hw = hardware(packages=("ray", "numpy", "zarr"))
     hw["load_avg_1m"] = f"{load_before} at start, {load_average()} at end"
     setup = {
         "source": args.source, "size_px": SIZE, "samples": floor["samples"], "locations": archive["locations"],
@@ -342,9 +248,7 @@ def main() -> None:
         "generate_s": round(archive["generate_seconds"], 1), "input": "local disk (page cache warm)",
     }
 
-    print(f"## Preprocessing throughput: {args.source}, job vs read-only floor\n")
-    print("Setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()) + "\n")
-    print("Hardware: " + ", ".join(f"{k}={v}" for k, v in hw.items()) + "\n")
+    print_header(f"Preprocessing throughput: {args.source}, job vs read-only floor", setup, hw)
     print("| run | output | workers | wall s | job s | samples/s | MB/s | samples/s/worker | MB/s/worker "
           "| per worker / floor |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -380,11 +284,7 @@ def main() -> None:
         print("\n### cProfile of the floor's read loop (by own time)\n")
         print("```\n" + profile.strip() + "\n```")
 
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(
-            {"setup": setup, "hardware": hw, "archive": archive, "floor": floor, "jobs": jobs}, indent=2
-        ) + "\n")
+    write_json(args.json, {"setup": setup, "hardware": hw, "archive": archive, "floor": floor, "jobs": jobs})
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ import html
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from launch import local_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,30 +115,12 @@ class Demo:
             self.base_url = f"s3://{bucket}/demo"
             print(f"object store: {self.base_url} (from your environment)")
             return
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        endpoint = f"http://127.0.0.1:{port}"
-        log = open(self.out / "logs" / "moto.log", "w")
-        self.moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except Exception:
-                if self.moto.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("the local S3 endpoint (moto) did not start; see logs/moto.log")
-                time.sleep(0.2)
-        # Demo credentials for the loopback endpoint only; the standard variables reach every process.
-        self.env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo-secret",
-                        AWS_DEFAULT_REGION="us-east-1")
-        os.environ.update({k: self.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                    "AWS_DEFAULT_REGION")})
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="fusmae-demo")
+        self.moto, endpoint = local_s3.start(self.out / "logs" / "moto.log")
+        # Credentials for the loopback endpoint only; the standard variables reach every process.
+        creds = {**local_s3.LOOPBACK_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+        self.env.update(creds)
+        os.environ.update(creds)
+        local_s3.create_bucket(endpoint, "fusmae-demo")
         self.base_url = "s3://fusmae-demo/demo"
         print(f"object store: {self.base_url} on a local S3 endpoint {endpoint} (moto)")
 
@@ -159,7 +141,7 @@ class Demo:
     def pretrain(self, run_dir: Path, resume: bool) -> None:
         steps = 16 if self.smallest else 160
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.ranks),
-               "--master_port", str(_free_port()), "launch/train.py", "--config", "configs/demo.yaml",
+               "--master_port", str(local_s3.free_port()), "launch/train.py", "--config", "configs/demo.yaml",
                *self.train_args(run_dir)]
         cmd += ["resume=auto"] if resume else [f"train.stop_at_step={steps // 2}"]
         self.run("pretrain (resume)" if resume else "pretrain (first half)", cmd,
@@ -232,12 +214,6 @@ def _noise(line: str) -> bool:
     """Lines of library chatter that would drown the demo's own progress (they stay in the log files)."""
     return any(s in line for s in ("[WARNING]", "FutureWarning", "return func(*args", "UserWarning", "warnings.warn",
                                    "[INFO] [launch.py", "[INFO] [runner.py", "real_accelerator.py"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plot_losses(rows: list[dict], path: Path, resume_step: Optional[int] = None) -> Path:
@@ -331,7 +307,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         if demo.moto is not None:
-            demo.moto.terminate()
+            local_s3.stop(demo.moto)
     print(f"\nDemo finished in {time.time() - t0:.0f}s.\n"
           f"  report:   {report} (and report.html)\n"
           f"  pictures: {out / 'loss_curves.png'}, {out / 'reconstructions.png'}\n"

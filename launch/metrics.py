@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 # Dense bf16 peak of the accelerators people train on, in FLOP/s (vendor datasheets).
-PEAK_BF16_FLOPS = {
+PEAK_BF16_FLOPS = {  # matched in order against the device name: specific names first
     "H200": 989e12,
+    "H100 PCIe": 756e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Optional
 
 import torch
@@ -229,22 +230,27 @@ class Trainer:
         stall_total = 0.0
         while self.step < stop:
             self.train_step(batches)
+            if self.store is not None and (self.step % cfg.checkpoint.every_steps == 0 or self.step == stop):
+                stall_total += self.checkpoint()
             if self.step % cfg.train.log_every == 0 or self.step == stop:
                 self.metrics.log(self.step, self.scheduler.get_last_lr()[0],
                                  {"skipped_shards": int(self.skipped), "checkpoint_stall_s": round(stall_total, 4)})
-            if self.store is not None and (self.step % cfg.checkpoint.every_steps == 0 or self.step == stop):
-                stall_total += self.checkpoint()
         if self.store is not None:
+            t0 = time.time()
             self.store.wait()
+            if self.rank == 0:
+                print(f"last checkpoint upload finished {time.time() - t0:.1f}s after training", flush=True)
         if self.step >= cfg.train.max_steps:
             self.export()
         distributed.barrier()
         print(f"rank {self.rank} finished {self.step} steps", flush=True)
 
     def checkpoint(self) -> float:
-        stall = self.store.save(self.engine, self.step, self._client_state(), self.cfg.deepspeed.zero_stage)
+        """Save (upload continues in the background) and draw the pictures; returns the seconds training stalled."""
+        t0 = time.time()
+        self.store.save(self.engine, self.step, self._client_state(), self.cfg.deepspeed.zero_stage)
         self.save_pictures()
-        return stall
+        return time.time() - t0
 
     @torch.no_grad()
     def save_pictures(self) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
+
+from launch import local_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {
@@ -21,62 +19,21 @@ S3_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
-    """Start `moto` as an S3 server in its own process on loopback; yield its URL.
+    """A moto S3 server in its own process on loopback; yields its URL.
 
     The standard AWS variables point every client (boto3, s3fs, subprocesses, Ray
     workers) at it, exactly as a user's environment would point at real S3.
     """
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=url)
-    try:
+    with local_s3.server(tmp_path_factory.mktemp("moto") / "moto.log", credentials=S3_ENV) as url:
         yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture
 def s3_bucket(s3_endpoint):
     """A fresh bucket on the moto server; yields 's3://<bucket>'."""
-    import boto3
-
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    yield f"s3://{name}"
+    yield local_s3.create_bucket(s3_endpoint, prefix="test")
 
 
 def fresh_s3fs():
