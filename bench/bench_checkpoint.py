@@ -162,24 +162,26 @@ def analyse(target: str, rows: list[dict[str, Any]], tl: Timeline, sizes: dict[s
     samples_per_step = args.batch_size * RANKS
     by_step = {r["step"]: r for r in rows}
     step_s = {s: samples_per_step / r["samples_per_s"] for s, r in by_step.items()}  # log to log: one step
-    # A checkpoint at step s stalls the interval logged at s + 1; the one at the last step has no
-    # later row (its stall is not logged) and its upload is waited for at the end: left out.
-    ckpt_steps = [s for s in by_step if s % args.every == 0 and s + 1 in by_step]
+    # The trainer checkpoints at step s before it logs step s: the row of step s carries that
+    # checkpoint's stall and its interval contains it; the row is written as the stall ends.
+    # The one at the last step is left out: training has ended, so nothing overlaps its upload.
+    ckpt_steps = [s for s in by_step if s % args.every == 0 and s - 1 in by_step and s != max(by_step)]
     checkpoints = []
     for s in ckpt_steps:
         tag = f"step-{s:08d}"
-        stall = by_step[s + 1]["checkpoint_stall_s"] - by_step[s]["checkpoint_stall_s"]
-        save_end = tl.rows[s] + stall  # the stall starts as the metrics line of step s is written
+        stall = by_step[s]["checkpoint_stall_s"] - by_step[s - 1]["checkpoint_stall_s"]
+        save_end = tl.rows[s]  # the metrics line of step s is written as the stall ends
         commit = tl.commits.get(tag)
-        upload = commit - save_end if commit is not None else None
+        # a commit before the stall ended (a fast local copy finishing while the pictures are drawn) is 0
+        upload = max(0.0, commit - save_end) if commit is not None else None
         during = [t for t, when in tl.rows.items() if commit is not None and save_end < when <= commit]
         # last seen in staging (removed once uploaded); < 0 is within the poll interval: 0
         rank_done = [max(0.0, seen[1] - save_end) for (_, t), seen in tl.staging.items() if t == tag]
-        checkpoints.append({"step": s, "stall_s": stall, "interval_s": step_s[s + 1], "upload_s": upload,
+        checkpoints.append({"step": s, "stall_s": stall, "interval_s": step_s[s], "upload_s": upload,
                             "steps_during_upload": len(during), "during_upload": during,
                             "rank_uploads_s": sorted(rank_done)})
     in_upload = {t for c in checkpoints for t in c["during_upload"]}
-    after_ckpt = {c["step"] + 1 for c in checkpoints}
+    after_ckpt = {c["step"] for c in checkpoints}
     clean = [step_s[s] for s in step_s if s > WARMUP_STEPS and s not in after_ckpt | in_upload]
     uploading = [step_s[s] for s in in_upload if s > WARMUP_STEPS and s not in after_ckpt]
     if not clean:
@@ -214,7 +216,8 @@ def analyse(target: str, rows: list[dict[str, Any]], tl: Timeline, sizes: dict[s
     }
     out["stall_over_step"] = out["stall_s_mean"] / base
     out["overhead_over_step"] = out["overhead_s_mean"] / base
-    out["upload_mb_per_s"] = size / MB / out["upload_s_mean"] if uploads else float("nan")
+    # below the poll interval the upload hid entirely inside the stall: no rate to report
+    out["upload_mb_per_s"] = size / MB / out["upload_s_mean"] if uploads and out["upload_s_mean"] > args.poll else float("nan")
     out["slowdown_during_upload"] = out["step_s_during_upload"] / base
     # The share of training time checkpoints take at this frequency (every --every steps).
     out["overhead_share"] = out["overhead_s_mean"] / (args.every * base + out["overhead_s_mean"])
@@ -310,8 +313,8 @@ def main() -> None:
           "wait for the previous upload). Wall overhead: the checkpoint step's interval minus a step; "
           "'not in stall' is what the checkpoint step took beyond the reported stall (the reconstruction "
           "pictures, and the upload thread competing for the cores). Upload: end of the stall to the commit "
-          f"of `latest`, polled every {args.poll} s; the checkpoint at the last step is left out (its stall "
-          "is not logged). Share of time: overhead / (every x step + overhead).")
+          f"of `latest`, polled every {args.poll} s; the checkpoint at the last step is left out (training "
+          "has ended: nothing overlaps its upload). Share of time: overhead / (every x step + overhead).")
     if len(results) == 2:
         a, b = results
         ratio = lambda key: b[key] / a[key] if a[key] > 0 else float("nan")  # noqa: E731
