@@ -8,6 +8,7 @@ exist; they are translated here so that the same script runs everywhere.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from typing import Any, Optional
@@ -29,9 +30,18 @@ def env_from_slurm() -> None:
             first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
                                    check=True).stdout.split()[0]
         except (OSError, subprocess.CalledProcessError, IndexError):
-            first = nodes.split(",")[0]
+            first = first_host(nodes)
         os.environ["MASTER_ADDR"] = first
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list without scontrol: 'gpu[017-020,031],cpu1' → 'gpu017'."""
+    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
 def init() -> tuple[int, int, int]:

@@ -175,3 +175,42 @@ def test_bad_config_fails_before_launching_work(shards, tmp_path):
     proc = deepspeed(1, f"data.manifest={shards / 'manifest.json'}", "model.s2_channels=12", f"run.dir={tmp_path}",
                      check=False)
     assert proc.returncode != 0 and "model.s2_channels=12" in proc.stderr + proc.stdout
+
+
+def test_torchrun_launch(shards, tmp_path):
+    """The same script under torchrun (RANK / WORLD_SIZE / LOCAL_RANK from the launcher, no --local_rank)."""
+    run = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(ROOT / "launch" / "train.py"), "--config", DEBUG, *common(shards, run, "train.max_steps=3")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+    with tempfile.TemporaryFile("w+") as out:
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
+        out.seek(0)
+        log = out.read()
+    assert code == 0, log[-4000:]
+    assert log.count("finished 3 steps") == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+
+
+def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
+    from launch.distributed import env_from_slurm
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-node-[17-18,31]")  # no scontrol here: parsed
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    env_from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu-node-17" and os.environ["MASTER_PORT"] == str(29500 + 4242 % 1000)
+    # variables a launcher already set win
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    env_from_slurm()
+    assert os.environ["RANK"] == "0"
+    from launch.distributed import first_host
+
+    assert first_host("cpu1,cpu2") == "cpu1" and first_host("a[007-009]") == "a007" and first_host("n5") == "n5"
