@@ -110,9 +110,12 @@ def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_pa
 def test_zero3_bf16_trains_checkpoints_and_exports(shards, tmp_path):
     run = tmp_path / "z3"
     deepspeed(2, *common(shards, run, "deepspeed.zero_stage=3", "train.bf16=true", "train.max_steps=4",
-                         "checkpoint.every_steps=2", f"checkpoint.dir={run / 'ckpt'}"))
+                         "checkpoint.every_steps=2", f"checkpoint.dir={run / 'ckpt'}", "deepspeed.monitor=csv"))
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    # the same scalars reach DeepSpeed's own monitor
+    csv_files = {p.name: p for p in run.rglob("*.csv")}
+    assert any("loss" in name for name in csv_files), sorted(csv_files)
     from launch.export import load_encoder
 
     net, meta = load_encoder(str(run / "ckpt"))
