@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from launch.config import load_config, save_config
+from launch.config import DataConfig, load_config, save_config
 from model.config import FusMAEConfig
 from pipeline.storage import redact
 
@@ -30,7 +30,15 @@ RESUMES = ("none", "auto")
 
 
 @dataclass
-class EvalDataConfig:
+class EvalDataConfig(DataConfig):
+    """The loader settings of pretraining (`launch.config.DataConfig`) with the three labelled splits.
+
+    ``manifest`` is unused here; ``image_size`` is the encoder's input size whatever the pretraining
+    used (BigEarthNet's 120 px are resized to it) and must be divisible by its patch size. The crop
+    and flip settings apply to fine-tuning on the training split when ``augment`` is on.
+    """
+
+    manifest: str = ""
     train_manifest: str = MISSING
     """URL of the labelled training split's manifest.json (BigEarthNet shards from `pipeline.preprocess`)."""
     val_manifest: str = MISSING
@@ -38,30 +46,14 @@ class EvalDataConfig:
     test_manifest: str = MISSING
     """Test split: the reported numbers."""
     image_size: int = 128
-    """Side of the images fed to the encoder, in 10 m pixels (BigEarthNet's 120 px are resized to it).
-    Must be divisible by the encoder's patch size; it is the model's input size whatever the pretraining used."""
-    num_workers: int = 2
-    """Loader worker processes per process (0: read in the main process)."""
-    shuffle_buffer: int = 256
-    """Fine-tuning: samples shuffled together in each loader worker."""
     augment: bool = True
     """Fine-tuning: random resized crop + flips on the training split (as pretraining); False: resize only."""
-    crop_scale_min: float = 0.35
-    """Smallest area fraction of the random resized crop."""
-    hflip: bool = True
-    vflip: bool = True
-    cache_dir: Optional[str] = None
-    """Local folder for a shard cache (fine-tuning reads the training split every epoch)."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """Extra fsspec options for the shard store; never logged."""
 
     def __post_init__(self) -> None:
-        if self.image_size <= 0:
-            raise ValueError(f"data.image_size: must be positive, got {self.image_size}")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ValueError(f"data.crop_scale_min: must be in (0, 1], got {self.crop_scale_min}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.manifest:
+            raise ValueError("data.manifest: evaluation reads data.train_manifest, data.val_manifest and "
+                             "data.test_manifest")
+        super().__post_init__()
 
 
 @dataclass
