@@ -180,7 +180,7 @@ class Trainer:
 
     def _fixed_batch(self) -> Optional[dict[str, Any]]:
         """A few samples, the same on every rank and every run, for the reconstruction pictures."""
-        if not self.cfg.checkpoint.dir and self.cfg.checkpoint.every_steps <= 0:
+        if not self.cfg.checkpoint.dir:  # pictures are drawn at checkpoints only
             return None
         n = min(16, self.manifest.num_samples)
         first = ShardLoader(self.manifest, rank=0, world_size=1, micro_batch_size=n, num_workers=0,
