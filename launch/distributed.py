@@ -59,10 +59,30 @@ def init() -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
         deepspeed.init_distributed()
+    release_shm_name()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def release_shm_name() -> None:
+    """Unlink the name of this rank's DeepSpeed CPU all-reduce buffer in /dev/shm.
+
+    DeepSpeed's CPU communication op creates one shared-memory segment per rank and never
+    removes its name, so every run (and every killed run) would leave tens of MB in /dev/shm.
+    Every rank maps all peers' segments while the process group starts; after a barrier the
+    names are no longer needed, and the memory goes when the last process using it exits.
+    """
+    if torch.cuda.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
