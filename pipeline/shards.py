@@ -17,18 +17,26 @@ byte-identical shards on every run.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO, Container, Iterator, Optional
 
 import numpy as np
 
 SHARD_NAME = "{split}-{index:06d}.tar"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+MEMBERS = ("json", "s1.npy", "s2.npy")
+"""The members of every sample, in the order they are written."""
+
+
+class ShardFormatError(ValueError):
+    """Bytes that do not follow the shard format (a truncated member, a bad .npy payload)."""
 
 
 def make_key(*parts: Any) -> str:
@@ -48,7 +56,45 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """The array of .npy bytes (a read-only view on them: see `npy_view`)."""
+    return npy_view(data)
+
+
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """The array of .npy bytes as a read-only view (``np.frombuffer``, no copy); headers parsed once per kind.
+
+    Raises ShardFormatError for anything that is not a plain (non-object) .npy payload of the full length."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ShardFormatError("not an .npy payload (bad magic)")
+    if data[6] == 1:
+        start, hlen = 10, int.from_bytes(data[8:10], "little")
+    elif data[6] in (2, 3):
+        start, hlen = 12, int.from_bytes(data[8:12], "little")
+    else:
+        raise ShardFormatError(f"unsupported .npy version {data[6]}")
+    header = bytes(data[start:start + hlen])
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        try:
+            d = ast.literal_eval(header.decode("latin1"))
+            dtype = np.lib.format.descr_to_dtype(d["descr"])
+            parsed = (dtype, tuple(int(s) for s in d["shape"]), bool(d["fortran_order"]))
+        except Exception as err:  # noqa: BLE001 - any malformed header is a format error
+            raise ShardFormatError(f"bad .npy header {header[:80]!r}: {type(err).__name__}: {err}") from None
+        if dtype.hasobject:
+            raise ShardFormatError("object arrays are not allowed")
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = parsed
+    dtype, shape, fortran = parsed
+    count = math.prod(shape)
+    offset = start + hlen
+    if len(data) - offset < count * dtype.itemsize:
+        raise ShardFormatError(f".npy payload truncated: {len(data) - offset} bytes for shape {shape} {dtype}")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def encode_json(meta: dict[str, Any]) -> bytes:
@@ -146,23 +192,65 @@ class ShardWriter:
         self.close()
 
 
-def iter_tar_samples(f: BinaryIO) -> Iterator[dict[str, Any]]:
-    """Group the members of a shard stream by key: {'__key__', 'json', 's1.npy', 's2.npy'} (raw bytes).
+# -- reading: the one tar walk -------------------------------------------------------------
 
-    A small reader without webdataset, for verification and tests.
+
+@dataclass(frozen=True)
+class Member:
+    """One file member of a shard: ``<key>.<ext>`` and where its header and data are."""
+
+    key: str
+    ext: str
+    offset: int
+    """Byte offset of its tar header."""
+    offset_data: int
+    size: int
+
+
+def walk_members(f: BinaryIO) -> Iterator[Member]:
+    """The file members of a seekable shard stream from its current position, headers only.
+
+    No member data is read: a caller seeks to ``offset_data`` for what it wants, so a
+    walk over samples it does not need costs their headers (512 bytes each) only.
     """
-    current: dict[str, Any] = {}
-    with tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = info.name
-            key, _, ext = name.partition(".")
-            data = tar.extractfile(info).read()  # type: ignore[union-attr]
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current.setdefault("__key__", key)
-            current[ext] = data
-    if current:
-        yield current
+    tar = tarfile.open(fileobj=f, mode="r:")  # starts at f.tell(); reads the first header
+    while (info := tar.next()) is not None:
+        tar.members.clear()  # tarfile keeps every header it saw; a stream may pass 100k
+        if not info.isfile():
+            continue
+        key, _, ext = info.name.partition(".")
+        yield Member(key, ext, info.offset, info.offset_data, info.size)
+
+
+def iter_samples(f: BinaryIO, read: Optional[Container[str]] = None) -> Iterator[tuple[str, int, dict[str, Optional[bytes]]]]:
+    """Samples ``(key, offset, members)`` of a seekable shard stream from its current position.
+
+    Consecutive members sharing a key form a sample; ``offset`` is its first header's byte
+    offset (where a later read of that sample starts). ``members`` maps each extension to its
+    bytes, or to None when ``read`` (a set of extensions; None: all) does not ask for it.
+    Raises ShardFormatError for a truncated member and tarfile.TarError for a broken header.
+    """
+    key: Optional[str] = None
+    start = 0
+    members: dict[str, Optional[bytes]] = {}
+    for m in walk_members(f):
+        if m.key != key:
+            if key is not None:
+                yield key, start, members
+            key, start, members = m.key, m.offset, {}
+        if read is not None and m.ext not in read:
+            members[m.ext] = None
+            continue
+        f.seek(m.offset_data)
+        data = f.read(m.size)
+        if len(data) != m.size:
+            raise ShardFormatError(f"member {m.key}.{m.ext} truncated ({len(data)} of {m.size} bytes)")
+        members[m.ext] = data
+    if key is not None:
+        yield key, start, members
+
+
+def iter_tar_samples(f: BinaryIO) -> Iterator[dict[str, Any]]:
+    """Every sample of a shard as {'__key__', 'json', 's1.npy', 's2.npy'} (raw bytes), for verification and tests."""
+    for key, _, members in iter_samples(f):
+        yield {"__key__": key, **members}

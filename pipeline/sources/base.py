@@ -21,6 +21,8 @@ S2_RESOLUTION_M = {
     "B1": 60, "B2": 10, "B3": 10, "B4": 10, "B5": 20, "B6": 20, "B7": 20, "B8": 10,
     "B8A": 20, "B9": 60, "B10": 60, "B11": 20, "B12": 20,
 }
+# Stored S2 value of a pixel without data, in every published layout.
+S2_NODATA = 0
 
 # Quarantine reasons (the `reason` field of quarantine.jsonl).
 UNREADABLE = "unreadable"
@@ -124,7 +126,7 @@ class Source(ABC):
 
     def nodata(self) -> dict[str, Any]:
         """No-data convention of the stored values: S1 non-finite, S2 a value (default 0)."""
-        return {"s1": "non-finite", "s2": 0}
+        return {"s1": "non-finite", "s2": S2_NODATA}
 
     # -- checks shared by every source -------------------------------------------------------
 

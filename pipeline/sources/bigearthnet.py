@@ -127,7 +127,13 @@ def _file_band(band: str) -> str:
     return band if band == "B8A" else f"B{int(band[1:]):02d}"
 
 
-_SPLIT_ORDER = ("train", "validation", "test")
+# The 12 L2A band suffixes of the file names, in S2_L2A_BANDS order.
+S2_FILE_BANDS = tuple(_file_band(b) for b in S2_L2A_BANDS)
+# Folders and metadata table as published.
+S1_ROOT = "BigEarthNet-S1"
+S2_ROOT = "BigEarthNet-S2"
+METADATA = "metadata.parquet"
+SPLITS = ("train", "validation", "test")
 
 
 class BigEarthNet(Source):
@@ -143,17 +149,17 @@ class BigEarthNet(Source):
         return S2_L2A_BANDS
 
     def _metadata(self):
-        path = f"{self.root}/metadata.parquet"
+        path = f"{self.root}/{METADATA}"
         if not self.fs.exists(path):
-            raise FileNotFoundError(f"{self.input_url}: no metadata.parquet; a BigEarthNet v2 archive has "
-                                    "metadata.parquet, BigEarthNet-S1/ and BigEarthNet-S2/")
+            raise FileNotFoundError(f"{self.input_url}: no {METADATA}; a BigEarthNet v2 archive has "
+                                    f"{METADATA}, {S1_ROOT}/ and {S2_ROOT}/")
         with self.fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["patch_id", "s1_name", "split", "labels"])
         return table.to_pylist()
 
     def available_splits(self) -> list[str]:
         found = {row["split"] for row in self._metadata()}
-        return [s for s in _SPLIT_ORDER if s in found] + sorted(found - set(_SPLIT_ORDER))
+        return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
 
     def _folders(self, sub: str) -> dict[str, str]:
         """{patch folder name: folder path} from one recursive listing of ``sub``."""
@@ -169,11 +175,11 @@ class BigEarthNet(Source):
 
     def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
         rows = [r for r in self._metadata() if r["split"] == split]
-        s2_dirs = self._folders("BigEarthNet-S2")
-        s1_dirs = self._folders("BigEarthNet-S1")
+        s2_dirs = self._folders(S2_ROOT)
+        s1_dirs = self._folders(S1_ROOT)
         if not s2_dirs and not s1_dirs:
-            raise FileNotFoundError(f"{self.input_url}: no patch folders under BigEarthNet-S2/ or BigEarthNet-S1/")
-        meta_url = self.url(f"{self.root}/metadata.parquet")
+            raise FileNotFoundError(f"{self.input_url}: no patch folders under {S2_ROOT}/ or {S1_ROOT}/")
+        meta_url = self.url(f"{self.root}/{METADATA}")
         items, rejects = [], []
         for row in sorted(rows, key=lambda r: r["patch_id"]):
             pid, s1_name = row["patch_id"], row["s1_name"]

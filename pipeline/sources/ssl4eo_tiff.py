@@ -31,7 +31,9 @@ from pipeline.sources.base import (
 )
 from pipeline.sources.geotiff import PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
 
-_S2_DIR = {"L1C": "s2c", "L2A": "s2a"}
+# Modality folders as published: S1, and one per S2 processing level.
+S1_DIR = "s1"
+S2_DIRS = {"L1C": "s2c", "L2A": "s2a"}
 
 
 class SSL4EOTiff(Source):
@@ -49,14 +51,14 @@ class SSL4EOTiff(Source):
 
     @property
     def s2_dir(self) -> str:
-        return _S2_DIR[self.options.s2_product]
+        return S2_DIRS[self.options.s2_product]
 
     def available_splits(self) -> list[str]:
         # The GeoTIFF release has no split folders: everything is one split.
-        for sub in ("s1", self.s2_dir):
+        for sub in (S1_DIR, self.s2_dir):
             if not self.fs.exists(f"{self.root}/{sub}"):
                 raise FileNotFoundError(
-                    f"{self.input_url}: no '{sub}/' folder; an SSL4EO-S12 v1 GeoTIFF tree has s1/ and {self.s2_dir}/"
+                    f"{self.input_url}: no '{sub}/' folder; an SSL4EO-S12 v1 GeoTIFF tree has {S1_DIR}/ and {self.s2_dir}/"
                 )
         return ["train"]
 
@@ -71,10 +73,10 @@ class SSL4EOTiff(Source):
         return out
 
     def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
-        s1 = self._products("s1")
+        s1 = self._products(S1_DIR)
         s2 = self._products(self.s2_dir)
         if not s1 and not s2:
-            raise FileNotFoundError(f"{self.input_url}: no GeoTIFF files under s1/ or {self.s2_dir}/")
+            raise FileNotFoundError(f"{self.input_url}: no GeoTIFF files under {S1_DIR}/ or {self.s2_dir}/")
         items: list[WorkItem] = []
         rejects: list[Rejection] = []
         for loc in sorted(set(s1) | set(s2)):
@@ -83,13 +85,13 @@ class SSL4EOTiff(Source):
             for t in range(max(len(p1), len(p2))):
                 key = make_key(loc, f"t{t}")
                 if t >= len(p1) or t >= len(p2):
-                    have = f"s1/{loc}/{p1[t]}" if t < len(p1) else f"{self.s2_dir}/{loc}/{p2[t]}"
+                    have = f"{S1_DIR}/{loc}/{p1[t]}" if t < len(p1) else f"{self.s2_dir}/{loc}/{p2[t]}"
                     missing = "S2" if t < len(p1) else "S1"
                     rejects.append(Rejection(self.url(f"{self.root}/{have}"), loc, MISSING_PARTNER,
                                              f"no {missing} product for season {t}", key, t))
                     continue
                 items.append(WorkItem(key, loc, t, {
-                    "s1_dir": f"{self.root}/s1/{loc}/{p1[t]}",
+                    "s1_dir": f"{self.root}/{S1_DIR}/{loc}/{p1[t]}",
                     "s2_dir": f"{self.root}/{self.s2_dir}/{loc}/{p2[t]}",
                     "s1_product": p1[t], "s2_product": p2[t],
                 }, 0))

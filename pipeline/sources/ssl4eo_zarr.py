@@ -29,6 +29,7 @@ from pipeline.sources.base import (
     S1_BANDS,
     S2_L1C_BANDS,
     S2_L2A_BANDS,
+    S2_NODATA,
     UNREADABLE,
     WRONG_BAND_COUNT,
     Rejection,
@@ -38,7 +39,13 @@ from pipeline.sources.base import (
 )
 from pipeline.storage import is_local
 
-_FILE = re.compile(r"(?:^|/)(?P<split>[^/]+)/(?P<product>S1GRD|S2L1C|S2L2A)/ssl4eos12_(?P=split)_seasonal_data_(?P<num>\d+)\.zarr\.zip$")
+# Product folders as published: S1 GRD, and one per S2 processing level ("S2" + level).
+S1_PRODUCT = "S1GRD"
+S2_PRODUCTS = {"L1C": "S2L1C", "L2A": "S2L2A"}
+# File names as published, NNNNNN counting from 000001 in each split; _FILE matches them.
+FILE_NAME = "ssl4eos12_{split}_seasonal_data_{number:06d}.zarr.zip"
+_PRODUCT = "|".join((S1_PRODUCT, *S2_PRODUCTS.values()))
+_FILE = re.compile(rf"(?:^|/)(?P<split>[^/]+)/(?P<product>{_PRODUCT})/ssl4eos12_(?P=split)_seasonal_data_(?P<num>\d+)\.zarr\.zip$")
 S2_OFFSET = 1000
 
 
@@ -145,12 +152,12 @@ class SSL4EOZarr(Source):
         rejects: list[Rejection] = []
         jobs = []
         for num in sorted(pairs):
-            s1, s2 = pairs[num].get("S1GRD"), pairs[num].get(self.s2_folder)
+            s1, s2 = pairs[num].get(S1_PRODUCT), pairs[num].get(self.s2_folder)
             if s1 and s2:
                 jobs.append((num, s1, s2))
             else:
                 have = s1 or s2 or next(iter(pairs[num].values()))
-                missing = "S1GRD" if not s1 else self.s2_folder
+                missing = S1_PRODUCT if not s1 else self.s2_folder
                 rejects.append(Rejection(self.url(have), None, MISSING_PARTNER, f"no {missing} file with number {num}"))
         items: list[WorkItem] = []
         for its, rej in map_fn(self.inventory_pair, jobs):
@@ -289,7 +296,7 @@ class SSL4EOZarr(Source):
 
     def nodata(self) -> dict[str, Any]:
         # Raw no-data is 0; with the offset removed it is stored as -1000.
-        return {"s1": "non-finite", "s2": -S2_OFFSET if self.options.s2_offset == "remove" else 0}
+        return {"s1": "non-finite", "s2": S2_NODATA - S2_OFFSET if self.options.s2_offset == "remove" else S2_NODATA}
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

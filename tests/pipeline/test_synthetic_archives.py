@@ -25,7 +25,7 @@ xr = pytest.importorskip("xarray")
 zarr = pytest.importorskip("zarr")
 pq = pytest.importorskip("pyarrow.parquet")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 S1_ID = re.compile(r"^S1[AB]_IW_GRDH_1SDV_(\d{8})T\d{6}_\d{8}T\d{6}_\d{6}_[0-9A-F]{6}_[0-9A-F]{4}$")
 S2_ID = re.compile(r"^(\d{8})T\d{6}_\d{8}T\d{6}_T\d{2}[C-X][A-Z]{2}$")
 UTM = re.compile(r"^EPSG:32[67]\d{2}$")

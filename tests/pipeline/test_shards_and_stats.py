@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.preprocess import pack_shards
-from pipeline.shards import Sample, ShardWriter, decode_npy, iter_tar_samples, make_key
+from pipeline.plan import pack_shards
+from pipeline.shards import Sample, ShardWriter, decode_npy, iter_samples, iter_tar_samples, make_key, npy_view
 from pipeline.sources.base import WorkItem
 from pipeline.stats import BandMoments
 from pipeline.storage import redact, redact_argv, redact_url
@@ -99,3 +99,47 @@ def test_redaction():
     for secret in ("pw@", "zz", "abc", "=q"):
         assert secret not in text
     assert '"anon": false' in text
+
+
+class _CountingReader:
+    """A seekable binary file that counts the bytes read through it."""
+
+    def __init__(self, f):
+        self.f, self.read_bytes = f, 0
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.read_bytes += len(data)
+        return data
+
+    def seek(self, *args):
+        return self.f.seek(*args)
+
+    def tell(self):
+        return self.f.tell()
+
+
+def test_iter_samples_reads_only_the_requested_members(tmp_path):
+    path = tmp_path / "s.tar"
+    with ShardWriter(str(path)) as w:
+        for i in range(3):  # s2: 13 x 64 x 64 int16 = 106,496 bytes per sample, json a few bytes
+            w.write(Sample(f"k{i}", np.full((2, 64, 64), i, np.float16), np.full((13, 64, 64), i, np.int16),
+                           {"index": i}))
+    with open(path, "rb") as raw:
+        f = _CountingReader(raw)
+        got = list(iter_samples(f, read={"json"}))
+    assert [key for key, _, _ in got] == ["k0", "k1", "k2"]
+    for i, (_, _, members) in enumerate(got):
+        assert set(members) == {"json", "s1.npy", "s2.npy"}
+        assert members["s1.npy"] is None and members["s2.npy"] is None
+        assert json.loads(members["json"]) == {"index": i}
+    assert got[0][1] == 0
+    assert f.read_bytes < 20_000 < path.stat().st_size  # headers and json only, not the 3 x 123 kB of arrays
+
+    # a sample's offset is where a later read of it starts; without `read` every member is read
+    with open(path, "rb") as f:
+        f.seek(got[2][1])
+        again = list(iter_samples(f))
+    assert [key for key, _, _ in again] == ["k2"]
+    np.testing.assert_array_equal(npy_view(again[0][2]["s2.npy"]), np.full((13, 64, 64), 2, np.int16))
+    assert npy_view(again[0][2]["s1.npy"]).dtype == np.float16

@@ -1,0 +1,144 @@
+"""The Ray side of a split: one task per shard, scheduled from the driver with a bounded number in flight.
+
+A shard task streams its samples into a local tar and publishes it in one step (a
+rename on a local output, one PUT on an object store), then writes its progress
+record: a record means the shard is complete, so a killed run loses at most the
+shards that were in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from pipeline.job import STAGING_PREFIX, PreprocessSettings, SourceSpec, progress_path
+from pipeline.plan import ShardTask, SplitPlan
+from pipeline.shards import Sample, ShardWriter
+from pipeline.sources import Rejection, Source
+from pipeline.stats import BandMoments
+from pipeline.storage import is_local, put_atomic, url_to_fs, write_bytes_atomic
+
+
+def init_ray(address: Optional[str], workers: int) -> None:
+    """Connect to ``address`` (else $RAY_ADDRESS), or start an embedded instance with ``workers`` CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:  # an existing cluster (`ray submit` sets RAY_ADDRESS=auto through the cluster YAML)
+        ray.init(address=address, log_to_driver=True)
+    else:  # the embedded default: a local instance sized to --workers
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
+
+
+def ray_map(fn: Callable, args: Sequence) -> list:
+    """Run ``fn`` over ``args`` as Ray tasks, results in order (the sources' inventory work)."""
+    import ray
+
+    if not args:
+        return []
+    task = ray.remote(num_cpus=1, max_retries=2)(_apply)
+    return ray.get([task.remote(fn, a) for a in args])
+
+
+def _apply(fn: Callable, arg: Any) -> Any:
+    return fn(arg)
+
+
+@dataclass
+class _Tally:
+    """What a shard task learns about its samples while writing them."""
+
+    s1: BandMoments
+    s2: BandMoments
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    dtypes: dict[str, str] = field(default_factory=dict)
+    shape: Optional[list[int]] = None
+    """[H, W] of the first sample."""
+
+    def add(self, sample: Sample, source: Source) -> None:
+        self.s1 = self.s1.merge(BandMoments.of(sample.s1, source.valid_s1(sample.s1)))
+        self.s2 = self.s2.merge(BandMoments.of(sample.s2, source.valid_s2(sample.s2)))
+        self.dtypes.setdefault("s1", str(sample.s1.dtype))
+        self.dtypes.setdefault("s2", str(sample.s2.dtype))
+        self.shape = self.shape or list(sample.s2.shape[1:])
+
+
+def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
+                storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Read the items of ``task``, write its shard under ``out_url``, return its record (stats, rejections)."""
+    source = spec.build()
+    fs, root = url_to_fs(out_url, storage_options)
+    tally = _Tally(BandMoments.zeros(len(source.s1_bands)), BandMoments.zeros(len(source.s2_bands)))
+    # A local output gets the tar written beside its final name and renamed (one write, atomic);
+    # an object store gets it staged on the worker's disk and uploaded in one PUT.
+    tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root if is_local(fs) else None)
+    try:
+        local = os.path.join(tmp, task.name)
+        with ShardWriter(local) as writer:
+            for result in source.read(task.items, split):
+                if isinstance(result, Rejection):
+                    tally.rejections.append(result.to_dict())
+                    continue
+                writer.write(result)
+                tally.add(result, source)
+        if writer.samples:
+            if is_local(fs):
+                os.replace(local, f"{root}/{task.name}")
+            else:
+                put_atomic(fs, local, f"{root}/{task.name}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    record = {
+        "fingerprint": task.fingerprint,
+        "index": task.index,
+        "name": task.name,
+        "samples": writer.samples,
+        "bytes": writer.bytes if writer.samples else 0,
+        "sha256": writer.sha256 if writer.samples else None,
+        "keys": sorted(writer.keys),
+        "dtypes": tally.dtypes,
+        "shape": tally.shape,
+        "stats": {"s1": tally.s1.to_dict(), "s2": tally.s2.to_dict()},
+        "rejections": tally.rejections,
+    }
+    # The record is written after the shard is published: its presence means the shard is complete.
+    write_bytes_atomic(fs, progress_path(root, task.name), json.dumps(record, sort_keys=True).encode())
+    return record
+
+
+def run_shards(settings: PreprocessSettings, spec: SourceSpec, plan: SplitPlan,
+               out_url: str) -> dict[int, dict[str, Any]]:
+    """Build the shards the plan still needs, at most ``settings.workers`` at once; every record by shard index."""
+    import ray
+    from tqdm import tqdm
+
+    records = dict(plan.reused)
+    remote = ray.remote(num_cpus=1, max_retries=3)(build_shard)
+    bar = tqdm(total=len(plan.tasks), initial=len(records), desc=f"{plan.split} shards", unit="shard",
+               disable=not settings.progress, dynamic_ncols=True)
+    pending: dict[Any, int] = {}
+    queue = plan.todo
+    written = sum(r["samples"] for r in records.values())
+    quarantined = len(plan.rejections) + sum(len(r["rejections"]) for r in records.values())
+    while queue or pending:
+        while queue and len(pending) < settings.workers:
+            task = queue.pop(0)
+            ref = remote.remote(spec, plan.split, task, out_url, settings.storage_options)
+            pending[ref] = task.index
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            index = pending.pop(ref)
+            rec = ray.get(ref)
+            records[index] = rec
+            written += rec["samples"]
+            quarantined += len(rec["rejections"])
+            bar.update(1)
+            bar.set_postfix(samples=written, quarantined=quarantined)
+    bar.close()
+    return records
