@@ -1,4 +1,4 @@
-"""Process-group setup under every launcher we support, and small collective helpers.
+"""Process-group setup under every launcher we support, and `Runtime`: where this process stands.
 
 `deepspeed` and `torchrun` export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT. Under Slurm's `srun` without a wrapper only SLURM_* variables
@@ -11,10 +11,12 @@ import os
 import re
 import socket
 import subprocess
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def env_from_slurm() -> None:
@@ -103,3 +105,81 @@ def hostname() -> str:
 
 def device_name() -> Optional[str]:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+LAUNCHER_VARIABLES = ("RANK", "SLURM_PROCID")
+
+
+@dataclass
+class Runtime:
+    """Rank, world size and device of this process, and the few collectives the jobs use."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def start(cls, always: bool = True) -> "Runtime":
+        """Join the process group (``always``, or when a launcher's variables are there) and pick the device.
+
+        ``always=False``: a plain ``python -m ...`` is one process and needs no process group
+        (nor a free MASTER_PORT)."""
+        if always or any(k in os.environ for k in LAUNCHER_VARIABLES):
+            rank, world, local = init()
+        else:
+            rank, world, local = 0, 1, 0
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        return cls(rank, world, local, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any, everywhere: bool = True) -> Optional[list[Any]]:
+        """``obj`` of every rank, in rank order, on every rank (or on rank 0 only; None elsewhere)."""
+        if self.world_size == 1:
+            return [obj]
+        out: Optional[list[Any]] = [None] * self.world_size if (everywhere or self.is_main) else None
+        if everywhere:
+            dist.all_gather_object(out, obj)
+        else:
+            dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj if self.world_size == 1 else broadcast_object(obj)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            barrier()
+
+    def on_main(self, fn: Callable[[], Any], expected: tuple[type[Exception], ...] = ()) -> Any:
+        """``fn()`` on rank 0, its result on every rank. An ``expected`` error there (a user error such as a
+        ConfigError) is raised again on every rank with the same type and message, instead of leaving the
+        other ranks waiting in a collective; any other error stops every rank."""
+        if self.world_size == 1:
+            return fn()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except expected as err:
+                outcome = ("error", (type(err), str(err)))
+            except Exception as err:
+                self.broadcast(("crash", f"{type(err).__name__}: {err}"))
+                raise
+        kind, value = self.broadcast(outcome)
+        if kind == "error":
+            raise value[0](value[1])
+        if kind == "crash":
+            raise RuntimeError(f"rank 0 failed: {value}")
+        return value
+
+    def sync_module(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into every rank's ``module``."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for t in module.state_dict().values():
+                dist.broadcast(t, src=0)

@@ -9,7 +9,7 @@
 
 `eval.pretrained` is a training checkpoint folder (its `latest` step), one `step-N` folder, an exported
 `encoder.safetensors` (or its folder), or `none` for the random-initialisation baseline. Results go to
-`<run.dir>/results.json` and a table on stdout; see launch/evaluate.py.
+`<run.dir>/results.json` and a table on stdout; see the `launch.evaluation` package.
 """
 
 from __future__ import annotations
@@ -20,37 +20,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # `deepspeed launch/eval.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
-import logging
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML recipe (configs/eval/*.yaml)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.label_fraction=0.1 eval.seed=1")
-    return p.parse_args(argv)
-
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    from launch.config import ConfigError
-    from launch.eval_config import load_eval_config
+    from launch.cli import parse_args, run_job
 
-    try:
-        cfg = load_eval_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    from launch.evaluate import evaluate
+    args = parse_args(__doc__, "configs/eval/*.yaml", "eval.label_fraction=0.1 eval.seed=1", argv)
+    from launch.config import load_eval_config
 
-    try:
+    def evaluate(cfg) -> None:
+        from launch.evaluation import evaluate
+
         evaluate(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_job(args, load_eval_config, evaluate)
 
 
 if __name__ == "__main__":

@@ -15,37 +15,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # `deepspeed launch/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
-import logging
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20 model.fusion=concat")
-    return p.parse_args(argv)
-
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    from launch.config import ConfigError, load_config
+    from launch.cli import parse_args, run_job
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    from launch.metrics import NonFiniteLoss
-    from launch.trainer import Trainer
+    args = parse_args(__doc__, "configs/*.yaml", "train.max_steps=20 model.fusion=concat", argv)
+    from launch.config import load_config
+    from launch.training.metrics import NonFiniteLoss
 
-    try:
+    def train(cfg) -> None:
+        from launch.training.trainer import Trainer
+
         Trainer(cfg).train()
-    except (ConfigError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_job(args, load_config, train, user_errors=(NonFiniteLoss,))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto server process on loopback) and run helpers."""
+"""Shared fixtures and helpers: a real S3 endpoint (moto server process on loopback) and running the project's
+commands in real subprocesses, as a user would."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from launch import local_s3
+from launch.demo import launchers, local_s3
 
 ROOT = Path(__file__).resolve().parents[1]
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-access-key",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-key-do-not-log",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+S3_ENV = dict(local_s3.LOOPBACK_CREDENTIALS)
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+free_port = local_s3.free_port
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +42,32 @@ def fresh_s3fs():
     return s3fs.S3FileSystem(skip_instance_cache=True)
 
 
-def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600, check: bool = True,
-               cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` in a real subprocess, as a user would; output captured."""
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+def _checked(proc: subprocess.CompletedProcess, what: str, check: bool) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+        raise AssertionError(f"{what} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600, check: bool = True,
+               cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` in a real subprocess, as a user would; output captured.
+    ``env`` adds variables to this process's environment; a None value removes one."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}.items() if v is not None}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    return _checked(proc, f"{module} {' '.join(args)}", check)
+
+
+def deepspeed(ranks: int, script: str, *args: str, env: dict | None = None, check: bool = True,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N <script> args...`` on CPU ranks, as a user runs it; stdout/stderr captured."""
+    cmd = launchers.deepspeed_command(ranks, ROOT / script, args)
+    return _checked(launchers.run_captured(cmd, timeout, launchers.training_env(**(env or {}))), "deepspeed", check)
+
+
+def torchrun(ranks: int, script: str, *args: str, env: dict | None = None, check: bool = True,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N <script> args...``, as a user runs it; stdout/stderr captured."""
+    cmd = launchers.torchrun_command(ranks, ROOT / script, args)
+    return _checked(launchers.run_captured(cmd, timeout, launchers.training_env(**(env or {}))), "torchrun", check)

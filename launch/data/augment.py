@@ -1,8 +1,9 @@
-"""Normalisation and geometric augmentation of loader batches, batched on the training device.
+"""Augmentation of loader batches: random crops and flips drawn in the loader workers (`draw_crops`),
+normalisation and resampling applied on the training device (`DeviceAugment`).
 
 The loader's workers only draw the random numbers (crop boxes, flips) and
 assemble raw arrays; the float conversion, the per-band normalisation and the
-resampling run here on the GPU for the whole micro batch at once, with no host
+resampling run on the GPU for the whole micro batch at once, with no host
 synchronisation.
 """
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from launch.loader import Manifest
+from pipeline.manifest import Manifest
 
 STD_FLOOR = 1e-6
 """A band with (near) zero spread is divided by this instead of its std."""
@@ -26,6 +28,39 @@ def _nodata(value: Any) -> Optional[float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def draw_crops(rng: np.random.Generator, n: int, scale_min: float, hflip: bool, vflip: bool,
+               hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Random resized crop boxes (n, 4) float32 (y0, x0, h, w) in fractions of the image, flips (n, 2) bool (h, v).
+
+    As torchvision's RandomResizedCrop: area fraction uniform in [scale_min, 1], log aspect
+    ratio (w/h in pixels) uniform in [log 3/4, log 4/3], ten tries, else the whole image;
+    boxes stay continuous (no rounding to pixels). Always draws the same numbers, so the
+    flags do not shift the crops.
+    """
+    tries = 10
+    H, W = hw
+    area = rng.uniform(scale_min, 1.0, (n, tries))
+    ratio = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), (n, tries)))
+    w = np.sqrt(area * ratio * H / W)
+    h = np.sqrt(area / ratio * W / H)
+    ok = (w <= 1.0) & (h <= 1.0)
+    first = np.argmax(ok, axis=1)
+    rows = np.arange(n)
+    h = np.where(ok.any(axis=1), h[rows, first], 1.0)
+    w = np.where(ok.any(axis=1), w[rows, first], 1.0)
+    u = rng.random((n, 2))
+    crop = np.stack([u[:, 0] * (1 - h), u[:, 1] * (1 - w), h, w], axis=1).astype(np.float32)
+    flip = rng.random((n, 2)) < 0.5
+    flip[:, 0] &= hflip
+    flip[:, 1] &= vflip
+    return crop, flip
+
+
+def full_boxes(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole image, unflipped, for ``n`` samples: what a pass without augmentation carries."""
+    return np.tile(np.array([0, 0, 1, 1], np.float32), (n, 1)), np.zeros((n, 2), bool)
 
 
 class DeviceAugment(nn.Module):
@@ -45,18 +80,22 @@ class DeviceAugment(nn.Module):
       (read it at log intervals; it is not synchronised here).
     """
 
-    def __init__(self, manifest: Union[Manifest, Mapping[str, Any]], image_size: int):
+    def __init__(self, stats: Mapping[str, Mapping[str, Any]], nodata: Mapping[str, Any], image_size: int):
+        """stats: {'s1'|'s2': {'mean': [...], 'std': [...]}} per band; nodata: {'s1'|'s2': value or 'non-finite'}."""
         super().__init__()
-        stats = manifest.stats if isinstance(manifest, Manifest) else manifest["stats"]
-        modalities = manifest.modalities if isinstance(manifest, Manifest) else manifest["modalities"]
         self.image_size = int(image_size)
         for m in ("s1", "s2"):
             mean = torch.tensor(stats[m]["mean"], dtype=torch.float32).view(1, -1, 1, 1)
             std = torch.tensor(stats[m]["std"], dtype=torch.float32).clamp_min(STD_FLOOR).view(1, -1, 1, 1)
             self.register_buffer(f"{m}_mean", mean, persistent=False)
             self.register_buffer(f"{m}_inv_std", 1.0 / std, persistent=False)
-        self.s1_nodata = _nodata(modalities["s1"].get("nodata"))
-        self.s2_nodata = _nodata(modalities["s2"].get("nodata"))
+        self.s1_nodata = _nodata(nodata.get("s1"))
+        self.s2_nodata = _nodata(nodata.get("s2"))
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest, image_size: int) -> "DeviceAugment":
+        """Normalised with ``manifest``'s statistics and no-data values."""
+        return cls(manifest.stats, {m: manifest.modalities[m].get("nodata") for m in ("s1", "s2")}, image_size)
 
     def normalise(self, x: Tensor, mean: Tensor, inv_std: Tensor, nodata: Optional[float]) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) raw → float32 normalised; invalid pixels → band mean before normalising."""

@@ -15,7 +15,6 @@ Stages, each a real command a user would run on a cluster:
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import shutil
@@ -26,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launch import local_s3
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from launch.demo import local_s3
+from launch.demo.launchers import ROOT, deepspeed_command
+from launch.demo.report import write_report
 
 class StageFailed(RuntimeError):
     pass
@@ -140,9 +138,8 @@ class Demo:
 
     def pretrain(self, run_dir: Path, resume: bool) -> None:
         steps = 16 if self.smallest else 160
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.ranks),
-               "--master_port", str(local_s3.free_port()), "launch/train.py", "--config", "configs/demo.yaml",
-               *self.train_args(run_dir)]
+        cmd = deepspeed_command(self.ranks, "launch/train.py", ["--config", "configs/demo.yaml",
+                                                                 *self.train_args(run_dir)])
         cmd += ["resume=auto"] if resume else [f"train.stop_at_step={steps // 2}"]
         self.run("pretrain (resume)" if resume else "pretrain (first half)", cmd,
                  "pretrain-resume.log" if resume else "pretrain.log")
@@ -163,51 +160,8 @@ class Demo:
 
     # ----------------------------------------------------------------- report
     def report(self, run_dir: Path, pretrained: dict, baseline: dict) -> Path:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        curves = plot_losses(rows, self.out / "loss_curves.png", resume_step=rows[-1]["step"] // 2)
-        recon = sorted(run_dir.glob("reconstruction-step-*.png"))
-        if recon:
-            shutil.copy(recon[-1], self.out / "reconstructions.png")
-        summary = {
-            "store": self.base_url,
-            "shards": {"ssl4eo": self.url("shards", "ssl4eo"), "bigearthnet": self.url("shards", "bigearthnet")},
-            "checkpoints": self.url("runs", "pretrain"),
-            "encoder": self.url("runs", "pretrain", "encoder.safetensors"),
-            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "steps": rows[-1]["step"],
-            "probe_pretrained": {k: pretrained[k] for k in ("map_macro", "map_micro", "f1")},
-            "probe_random_init": {k: baseline[k] for k in ("map_macro", "map_micro", "f1")},
-            "stages": [{"stage": n, "seconds": round(s, 1)} for n, s in self.timings],
-        }
-        if self.moto is not None:
-            # The loopback endpoint keeps objects in memory and stops with the demo: keep a copy to look at.
-            import s3fs
-
-            mirror = self.out / "s3-mirror"
-            shutil.rmtree(mirror, ignore_errors=True)
-            s3fs.S3FileSystem(skip_instance_cache=True).get(self.base_url, str(mirror), recursive=True)
-            summary["s3_mirror"] = str(mirror)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        md = [
-            "# Fus-MAE demo report", "",
-            f"Object store: `{self.base_url}`; shards `{summary['shards']['ssl4eo']}`, "
-            f"`{summary['shards']['bigearthnet']}`; checkpoints `{summary['checkpoints']}`; "
-            f"exported encoder `{summary['encoder']}`."
-            + (f" The local S3 endpoint stops with the demo; a copy of the bucket is in `{summary['s3_mirror']}`."
-               if "s3_mirror" in summary else ""), "",
-            f"Pretraining: {summary['steps']} steps on {self.ranks} ranks, stopped half-way and resumed from the "
-            f"committed checkpoint (resume=auto); loss {summary['loss_first']:.4f} → {summary['loss_last']:.4f}.", "",
-            "## BigEarthNet linear probe (test split)", "",
-            "| encoder | mAP macro | mAP micro | F1 (micro, 0.5) |", "|---|---:|---:|---:|",
-            f"| Fus-MAE pretrained | {pretrained['map_macro']:.4f} | {pretrained['map_micro']:.4f} | {pretrained['f1']:.4f} |",
-            f"| random initialisation | {baseline['map_macro']:.4f} | {baseline['map_micro']:.4f} | {baseline['f1']:.4f} |",
-            "", "## Loss curves", "", f"![loss curves]({curves.name})", "",
-            "## Reconstructions (S2 true colour, S1 VV/VH composite)", "", "![reconstructions](reconstructions.png)", "",
-            "## Stages", "", "| stage | seconds |", "|---|---:|",
-            *[f"| {n} | {s:.1f} |" for n, s in self.timings], "",
-        ]
-        (self.out / "report.md").write_text("\n".join(md))
-        (self.out / "report.html").write_text(markdown_to_html(md))
-        return self.out / "report.md"
+        return write_report(self.out, run_dir, self.base_url, self.ranks, self.timings, pretrained, baseline,
+                            mirror=self.moto is not None)
 
 
 def _noise(line: str) -> bool:
@@ -216,62 +170,9 @@ def _noise(line: str) -> bool:
                                    "[INFO] [launch.py", "[INFO] [runner.py", "real_accelerator.py"))
 
 
-def plot_losses(rows: list[dict], path: Path, resume_step: Optional[int] = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("loss", "total"), ("loss_s1", "S1 (SAR)"), ("loss_s2", "S2 (optical)")):
-        ax.plot(steps, [r[key] for r in rows], label=label)
-    if resume_step is not None:
-        ax.axvline(resume_step, color="grey", linestyle=":", label="stop / resume=auto")
-    ax.set_xlabel("step")
-    ax.set_ylabel("masked-patch MSE (normalised units)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def markdown_to_html(lines: list[str]) -> str:
-    """The report's few Markdown constructs (headings, tables, images, paragraphs) as one HTML page."""
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>Fus-MAE demo report</title>",
-           "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}</style></head><body>"]
-    table: list[list[str]] = []
-
-    def flush():
-        if table:
-            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in table[0]) + "</tr>")
-            out.extend("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in table[2:])
-            out.append("</table>")
-            table.clear()
-
-    for line in lines:
-        if line.startswith("|"):
-            table.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](")
-            out.append(f"<p><img alt='{html.escape(alt)}' src='{html.escape(src.rstrip(')'))}'></p>")
-        elif line:
-            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
-    flush()
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_output", help="folder for archives, logs, runs and the report")
     p.add_argument("--store", choices=("s3", "local"), default="s3",
                    help="s3: a local S3 endpoint (moto) unless AWS_ENDPOINT_URL / FUSMAE_DEMO_BUCKET name yours; "

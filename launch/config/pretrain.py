@@ -1,61 +1,17 @@
-"""The one configuration schema: a dataclass per concern, YAML files, `key=value` overrides.
+"""The pretraining schema: `PretrainConfig` (model, data, train, checkpoint, deepspeed, run, resume).
 
-Merging, override parsing and type checking are OmegaConf's (structured configs):
-an unknown key or a value of the wrong type fails while loading, before any
-process group or data loader starts, with the full dotted key in the message.
-Cross-field rules live in ``__post_init__`` and run when the merged tree is
-turned into these dataclasses.
-
-The DeepSpeed JSON is generated from this schema (`deepspeed_config`), so the
-batch size, learning rate and precision are set in exactly one place.
+The DeepSpeed JSON is generated from it (`deepspeed_config`), so the batch size,
+learning rate and precision are set in exactly one place.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from model.config import DECODER_PRESETS, ENCODER_PRESETS, FusMAEConfig
-from pipeline.storage import redact
-
-
-PRESET_FIELDS = sorted({k for p in (ENCODER_PRESETS, DECODER_PRESETS) for v in p.values() for k in v})
-
-
-class ConfigError(ValueError):
-    """A configuration problem, raised before anything starts."""
-
-
-@dataclass
-class DataConfig:
-    manifest: str = MISSING
-    """URL of the training shard set's manifest.json (local path, file://, s3://, ...)."""
-    image_size: int = 224
-    """Side of the random resized crop fed to the model, in 10 m pixels. Sets model.img_size."""
-    num_workers: int = 2
-    """Loader worker processes per rank."""
-    shuffle_buffer: int = 256
-    """Samples held in each worker's shuffle buffer (memory: about 2 MB each at 264 px)."""
-    crop_scale_min: float = 0.35
-    """Smallest area fraction of the random resized crop (upper bound 1.0)."""
-    hflip: bool = True
-    vflip: bool = True
-    cache_dir: Optional[str] = None
-    """Local folder for a shard cache: epochs after the first read shards from disk."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """Extra fsspec options for the shard store; credentials here are never logged."""
-
-    def __post_init__(self) -> None:
-        if self.image_size <= 0:
-            raise ValueError(f"data.image_size: must be positive, got {self.image_size}")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ValueError(f"data.crop_scale_min: must be in (0, 1], got {self.crop_scale_min}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+from launch.config.base import DataConfig, RunConfig, Schema
+from model.config import FusMAEConfig
 
 
 @dataclass
@@ -130,13 +86,7 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class RunConfig:
-    dir: str = "runs/default"
-    """Local folder for metrics.jsonl, reconstruction pictures and logs."""
-
-
-@dataclass
-class Config:
+class PretrainConfig(Schema):
     model: FusMAEConfig = field(default_factory=FusMAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,71 +105,8 @@ class Config:
         if self.resume == "auto" and not self.checkpoint.dir:
             raise ValueError("resume: 'auto' needs checkpoint.dir")
 
-    def to_dict(self, redacted: bool = True) -> dict[str, Any]:
-        d = asdict(self)
-        return redact(d) if redacted else d
 
-
-def _describe(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None)
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"{key}: {msg}" if key else msg
-
-
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, schema: type = Config):
-    """Load ``path`` (YAML) over the defaults of ``schema`` (a dataclass), then ``key=value`` overrides.
-
-    Raises ConfigError naming the file and key for unknown keys, wrong types,
-    malformed overrides, missing required values and violated cross-field rules.
-    The pretraining schema `Config` is the default; evaluation passes its own.
-    """
-    overrides = list(overrides or [])
-    base = OmegaConf.structured(schema)
-    if "model" in base:
-        # The default model instance already filled its architecture fields from the
-        # default preset; clear them so that `model.size` in a file or override decides.
-        for key in PRESET_FIELDS:
-            base.model[key] = None
-    layers = [base]
-    where = path or "<defaults>"
-    if path is not None:
-        try:
-            layers.append(OmegaConf.load(path))
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except Exception as err:  # YAML syntax errors come from several yaml classes
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
-    try:
-        layers.append(OmegaConf.from_dotlist(overrides))
-        merged = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {_describe(err)}") from err
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{where}: required setting(s) not given: {', '.join(missing)}")
-    try:
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {_describe(err)}") from err
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from err
-    assert isinstance(cfg, schema)
-    return cfg
-
-
-def save_config(cfg: Any, path: str) -> None:
-    """Write a resolved config (any schema with ``to_dict``) as YAML, credentials redacted."""
-    import fsspec
-
-    text = OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict(redacted=True)))
-    with fsspec.open(path, "w") as f:
-        f.write(text)
-
-
-def deepspeed_config(cfg: Config, world_size: int, has_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: PretrainConfig, world_size: int, has_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed JSON config derived from ``cfg`` (one source of truth).
 
     The optimizer and scheduler are built by the trainer (AdamW with warm-up and

@@ -3,48 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, S3_ENV, fresh_s3fs, run_module
+from conftest import DEBUG, S3_ENV, deepspeed, fresh_s3fs, run_module, torchrun
 from pipeline import synthetic
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+FAULTY_TRAIN = "tests/launch/training/faulty_train.py"
 
-DEBUG = str(ROOT / "configs" / "debug.yaml")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed(ranks: int, *overrides: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def train(ranks: int, *overrides: str, env: dict | None = None, check: bool = True,
+          script: str = "launch/train.py") -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N launch/train.py --config configs/debug.yaml overrides...`, as a user runs it."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port()),
-           str(ROOT / "launch" / "train.py"), "--config", DEBUG, *overrides]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    # Output goes to files, not pipes: a pipe would keep the call waiting on any grandchild still holding it.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=err, timeout=600).returncode
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"deepspeed exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
+    return deepspeed(ranks, script, "--config", DEBUG, *overrides, env=env, check=check)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -71,7 +47,7 @@ def common(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_path, s3_bucket):
     # uninterrupted, checkpoints to a local folder
     a = tmp_path / "a"
-    deepspeed(2, *common(shards, a, "train.max_steps=8", "checkpoint.every_steps=4", f"checkpoint.dir={a / 'ckpt'}"))
+    train(2, *common(shards, a, "train.max_steps=8", "checkpoint.every_steps=4", f"checkpoint.dir={a / 'ckpt'}"))
     full = metrics(a)
     assert [r["step"] for r in full] == list(range(1, 9))
     for r in full:
@@ -81,11 +57,11 @@ def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_pa
     # the same run stopped at step 4 and resumed from S3 with resume=auto
     b = tmp_path / "b"
     ckpt = f"{s3_bucket}/runs/b"
-    proc = deepspeed(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
+    proc = train(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
                                 f"checkpoint.dir={ckpt}", "train.stop_at_step=4"))
     fs = fresh_s3fs()
     assert json.loads(fs.cat_file(f"{ckpt}/latest"))["tag"] == "step-00000004"
-    proc = deepspeed(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
+    proc = train(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
                                 f"checkpoint.dir={ckpt}", "resume=auto"))
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     resumed = metrics(b)
@@ -109,14 +85,14 @@ def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_pa
 
 def test_zero3_bf16_trains_checkpoints_and_exports(shards, tmp_path):
     run = tmp_path / "z3"
-    deepspeed(2, *common(shards, run, "deepspeed.zero_stage=3", "train.bf16=true", "train.max_steps=4",
+    train(2, *common(shards, run, "deepspeed.zero_stage=3", "train.bf16=true", "train.max_steps=4",
                          "checkpoint.every_steps=2", f"checkpoint.dir={run / 'ckpt'}", "deepspeed.monitor=csv"))
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
     # the same scalars reach DeepSpeed's own monitor
     csv_files = {p.name: p for p in run.rglob("*.csv")}
     assert any("loss" in name for name in csv_files), sorted(csv_files)
-    from launch.export import load_encoder
+    from launch.training.export import load_encoder
 
     net, meta = load_encoder(str(run / "ckpt"))
     assert meta["model"]["fusion"] == "xattn" and meta["step"] == 4
@@ -136,10 +112,10 @@ def test_rank_killed_during_upload_leaves_previous_checkpoint(shards, tmp_path):
     run = tmp_path / "kill"
     ckpt = run / "ckpt"
     args = common(shards, run, "train.max_steps=4", "checkpoint.every_steps=2", f"checkpoint.dir={ckpt}")
-    proc = deepspeed(2, *args, env={"FUSMAE_FAULT": "kill-during-upload:4:1"}, check=False)
-    assert proc.returncode != 0
+    proc = train(2, *args, env={"FAULTY_UPLOAD": "step-00000004:1"}, check=False, script=FAULTY_TRAIN)
+    assert proc.returncode != 0 and "fault injection: rank 1 exits during the upload of step-00000004" in proc.stdout + proc.stderr
     assert json.loads((ckpt / "latest").read_text())["tag"] == "step-00000002"
-    proc = deepspeed(2, *args, "resume=auto")
+    proc = train(2, *args, "resume=auto")
     assert "at step 2" in proc.stdout
     assert json.loads((ckpt / "latest").read_text())["tag"] == "step-00000004"
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
@@ -148,9 +124,9 @@ def test_rank_killed_during_upload_leaves_previous_checkpoint(shards, tmp_path):
 def test_resume_at_a_different_world_size(shards, tmp_path):
     run = tmp_path / "ws"
     ckpt = run / "ckpt"
-    deepspeed(2, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
+    train(2, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
                          "train.stop_at_step=3"))
-    proc = deepspeed(1, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
+    proc = train(1, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
                                 "resume=auto"))
     assert "universal conversion from world size 2" in proc.stdout
     rows = metrics(run)
@@ -164,7 +140,7 @@ def test_corrupt_shard_is_skipped_and_ranks_stay_in_step(shards, tmp_path):
     victim = data / m["shards"][1]["name"]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated mid-sample
     run = tmp_path / "run"
-    proc = deepspeed(2, f"data.manifest={data / 'manifest.json'}", f"run.dir={run}", "train.log_every=1",
+    proc = train(2, f"data.manifest={data / 'manifest.json'}", f"run.dir={run}", "train.log_every=1",
                      "train.max_steps=12", "data.num_workers=1")
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -173,9 +149,9 @@ def test_corrupt_shard_is_skipped_and_ranks_stay_in_step(shards, tmp_path):
 
 
 def test_bad_config_fails_before_launching_work(shards, tmp_path):
-    proc = deepspeed(1, f"data.manifest={shards / 'manifest.json'}", "train.max_stepz=3", check=False)
+    proc = train(1, f"data.manifest={shards / 'manifest.json'}", "train.max_stepz=3", check=False)
     assert proc.returncode != 0 and "train.max_stepz" in proc.stderr + proc.stdout
-    proc = deepspeed(1, f"data.manifest={shards / 'manifest.json'}", "model.s2_channels=12", f"run.dir={tmp_path}",
+    proc = train(1, f"data.manifest={shards / 'manifest.json'}", "model.s2_channels=12", f"run.dir={tmp_path}",
                      check=False)
     assert proc.returncode != 0 and "model.s2_channels=12" in proc.stderr + proc.stdout
 
@@ -183,37 +159,7 @@ def test_bad_config_fails_before_launching_work(shards, tmp_path):
 def test_torchrun_launch(shards, tmp_path):
     """The same script under torchrun (RANK / WORLD_SIZE / LOCAL_RANK from the launcher, no --local_rank)."""
     run = tmp_path / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           str(ROOT / "launch" / "train.py"), "--config", DEBUG, *common(shards, run, "train.max_steps=3")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
-    with tempfile.TemporaryFile("w+") as out:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
-        out.seek(0)
-        log = out.read()
-    assert code == 0, log[-4000:]
+    proc = torchrun(2, "launch/train.py", "--config", DEBUG, *common(shards, run, "train.max_steps=3"))
+    log = proc.stdout + proc.stderr
     assert log.count("finished 3 steps") == 2
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
-
-
-def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
-    from launch.distributed import env_from_slurm
-
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-node-[17-18,31]")  # no scontrol here: parsed
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    env_from_slurm()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
-    assert os.environ["MASTER_ADDR"] == "gpu-node-17" and os.environ["MASTER_PORT"] == str(29500 + 4242 % 1000)
-    # variables a launcher already set win
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    env_from_slurm()
-    assert os.environ["RANK"] == "0"
-    from launch.distributed import first_host
-
-    assert first_host("cpu1,cpu2") == "cpu1" and first_host("a[007-009]") == "a007" and first_host("n5") == "n5"

@@ -1,6 +1,6 @@
-"""The configuration schema of downstream evaluation: linear probing and fine-tuning on BigEarthNet-MM.
+"""The evaluation schema: `EvalConfig` (eval protocol, data, model, run) for linear probing and fine-tuning.
 
-The same pattern as `launch.config` (OmegaConf structured configs, one dataclass
+The same pattern as the pretraining schema (OmegaConf structured configs, one dataclass
 per concern, `key=value` overrides, cross-field rules in ``__post_init__``,
 `ConfigError` naming the file and the dotted key):
 
@@ -15,14 +15,13 @@ the checkpoint, and only the runtime switches ``model.fused_attn`` and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from launch.config import DataConfig, load_config, save_config
+from launch.config.base import DataConfig, RunConfig, Schema, load_config
 from model.config import FusMAEConfig
-from pipeline.storage import redact
 
 PROTOCOLS = ("linear", "finetune")
 OPTIMIZERS = ("sgd", "adamw")
@@ -57,7 +56,7 @@ class EvalDataConfig(DataConfig):
 
 
 @dataclass
-class EvalSettings:
+class ProtocolConfig:
     pretrained: str = MISSING
     """A training checkpoint folder (with `latest`), one of its `step-N` folders, an exported
     `encoder.safetensors` (or its folder), local or any fsspec URL; `none`: random initialisation."""
@@ -149,17 +148,11 @@ class EvalSettings:
 
 
 @dataclass
-class EvalRunConfig:
-    dir: str = "runs/eval"
-    """Local folder for results.json, the resolved config, feature caches and (by default) checkpoints."""
-
-
-@dataclass
-class EvalConfig:
-    eval: EvalSettings = field(default_factory=EvalSettings)
+class EvalConfig(Schema):
+    eval: ProtocolConfig = field(default_factory=ProtocolConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     model: FusMAEConfig = field(default_factory=FusMAEConfig)
-    run: EvalRunConfig = field(default_factory=EvalRunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/eval"))
 
     def __post_init__(self) -> None:
         e = self.eval
@@ -179,16 +172,7 @@ class EvalConfig:
     def feature_cache_dir(self) -> str:
         return self.eval.feature_cache_dir or self.run.dir
 
-    def to_dict(self, redacted: bool = True) -> dict[str, Any]:
-        d = asdict(self)
-        return redact(d) if redacted else d
-
 
 def load_eval_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> EvalConfig:
     """`launch.config.load_config` with the evaluation schema at the root."""
     return load_config(path, overrides, schema=EvalConfig)
-
-
-def save_eval_config(cfg: EvalConfig, path: str) -> None:
-    """Write the resolved evaluation config as YAML, credentials redacted."""
-    save_config(cfg, path)

@@ -19,10 +19,11 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
-# Credentials for the loopback endpoint only (moto accepts any).
+# Credentials for the loopback endpoint only (moto accepts any). Distinctive values, so that the tests can
+# search everything a run wrote or printed for them.
 LOOPBACK_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "local-access-key",
-    "AWS_SECRET_ACCESS_KEY": "local-secret-key",
+    "AWS_ACCESS_KEY_ID": "loopback-access-key-id",
+    "AWS_SECRET_ACCESS_KEY": "loopback-secret-key-do-not-log",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from launch.metrics import MetricsLogger, NonFiniteLoss, peak_flops
+from launch.training.metrics import MetricsLogger, NonFiniteLoss, peak_flops
 
 
 def _logger(tmp_path, **kw):

@@ -1,74 +1,38 @@
-"""Downstream evaluation: schema, metrics, label subsets, and linear / fine-tune runs end to end.
+"""Downstream evaluation end to end: linear probing and fine-tuning from every kind of checkpoint.
 
-The end-to-end tests use a BigEarthNet-layout archive made by `pipeline.synthetic`, preprocessed by the
-real pipeline, and pretraining checkpoints written by the real training script (`deepspeed`, 2 CPU ranks)
-with ZeRO 2 and ZeRO 3.
+The tests use a BigEarthNet-layout archive made by `pipeline.synthetic`, preprocessed by the real
+pipeline, and pretraining checkpoints written by the real training script (`deepspeed`, 2 CPU ranks)
+with ZeRO 0, 2 and 3.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
+import logging
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import ROOT, S3_ENV, run_module
-from launch.config import ConfigError
-from launch.eval_config import EvalConfig, load_eval_config
-from launch.evaluate import (
-    Classifier,
-    EvalData,
-    MemoryCache,
-    Runtime,
-    average_precision,
-    evaluate,
-    layer_decay_groups,
-    load_pretrained,
-    multilabel_metrics,
-    select_subset,
-    subset_size,
-)
+from conftest import ROOT, S3_ENV, deepspeed, run_module
+from launch.config import ConfigError, EvalConfig, load_eval_config
+from launch.distributed import Runtime
+from launch.evaluation import MemoryCache, evaluate
+from launch.evaluation.data import EvalData
+from launch.evaluation.pretrained import load_pretrained
+from launch.evaluation.subset import keys_digest, select_subset
 from model import FusMAE, FusMAEConfig
 from pipeline import synthetic
 from pipeline.sources.bigearthnet import BIGEARTHNET_19_CLASSES
 
 DEBUG_LINEAR = str(ROOT / "configs" / "eval" / "debug_linear.yaml")
-EVAL_RECIPES = sorted((ROOT / "configs" / "eval").glob("*.yaml"))
 FAST_FINETUNE = ["eval.protocol=finetune", "eval.epochs=2", "eval.batch_size=8", "eval.lr=1e-3"]
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed(ranks: int, script: str, config: str, *overrides: str) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N <script> --config <config> overrides...` on CPU, output to files (not pipes)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port()),
-           str(ROOT / script), "--config", config, *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, timeout=600).returncode
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
-    if proc.returncode != 0:
-        raise AssertionError(f"deepspeed exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +50,7 @@ def ben(tmp_path_factory) -> dict[str, str]:
 def _pretrain(tmp_path_factory, ben: dict[str, str], stage: int) -> Path:
     """A short pretraining run of configs/debug.yaml on the BigEarthNet training shards (12 S2 bands)."""
     run = tmp_path_factory.mktemp(f"pretrain_zero{stage}")
-    deepspeed(2, "launch/train.py", str(ROOT / "configs" / "debug.yaml"), f"data.manifest={ben['train']}",
+    deepspeed(2, "launch/train.py", "--config", str(ROOT / "configs" / "debug.yaml"), f"data.manifest={ben['train']}",
               "model.s2_channels=12", "data.image_size=32", "data.num_workers=1", "train.max_steps=4",
               "train.log_every=2", "checkpoint.every_steps=4", f"deepspeed.zero_stage={stage}",
               f"checkpoint.dir={run / 'ckpt'}", f"run.dir={run}")
@@ -138,151 +102,6 @@ def check_results(doc: dict, run_dir: Path) -> None:
     assert s["train_subset"]["size"] >= 1 and len(s["train_subset"]["keys_sha256"]) == 64
 
 
-# ----------------------------------------------------------------------------- schema
-
-
-REQUIRED = ["eval.pretrained=none", "data.train_manifest=memory://ben/train/manifest.json",
-            "data.val_manifest=memory://ben/validation/manifest.json", "data.test_manifest=memory://ben/test/manifest.json"]
-
-
-def test_eval_recipes_exist():
-    assert {p.name for p in EVAL_RECIPES} >= {"bigearthnet_linear.yaml", "bigearthnet_finetune.yaml",
-                                              "debug_linear.yaml"}
-
-
-@pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: p.name)
-def test_every_eval_recipe_loads_against_the_schema(path):
-    cfg = load_eval_config(str(path), REQUIRED)
-    assert isinstance(cfg, EvalConfig)
-    raw = yaml.safe_load(path.read_text())
-    for section, values in raw.items():
-        for key, value in (values or {}).items():
-            if value == "???":
-                continue
-            got = getattr(getattr(cfg, section), key)
-            assert got == value or list(got) == value, f"{path.name}: {section}.{key}"
-    assert cfg.model.img_size == cfg.data.image_size
-    FusMAE(cfg.model)  # the baseline architecture of every recipe builds
-
-
-@pytest.mark.parametrize(
-    "overrides, match",
-    [
-        (["eval.protocl=linear"], r"eval\.protocl"),
-        (["eval.protocol=knn"], r"eval\.protocol"),
-        (["eval.label_fraction=0"], r"eval\.label_fraction"),
-        (["eval.label_fraction=1.5"], r"eval\.label_fraction"),
-        (["eval.layer_decay=0"], r"eval\.layer_decay"),
-        (["eval.resume=sometimes"], r"eval\.resume"),
-        (["eval.stop_at_epoch=1"], r"eval\.stop_at_epoch"),
-        (["eval.epochs=abc"], r"eval\.epochs"),
-        (["data.image_size=30"], r"data\.image_size"),
-    ],
-)
-def test_eval_config_errors_name_the_key(overrides, match):
-    with pytest.raises(ConfigError, match=match):
-        load_eval_config(DEBUG_LINEAR, REQUIRED + overrides)
-
-
-def test_missing_pretrained_is_named():
-    with pytest.raises(ConfigError, match=r"eval\.pretrained"):
-        load_eval_config(DEBUG_LINEAR, REQUIRED[1:])
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def test_metrics_match_scikit_learn():
-    from sklearn.metrics import average_precision_score, f1_score
-
-    rng = np.random.default_rng(0)
-    N, C = 300, 7
-    y = (rng.random((N, C)) < [0.5, 0.3, 0.1, 0.02, 0.6, 0.2, 0.0]).astype(np.uint8)
-    y[0, 3] = 1  # class 3 rare but present; class 6 absent
-    logits = rng.normal(size=(N, C)) + 1.5 * y
-    probs = 1 / (1 + np.exp(-logits))
-    probs[:40, 1] = 0.5  # ties, and a tie at the threshold
-    probs = np.round(probs, 2)  # many more ties
-    names = [f"c{i}" for i in range(C)]
-    m = multilabel_metrics(y, probs, names)
-
-    present = y.sum(0) > 0
-    for c in range(C):
-        if present[c]:
-            assert m["per_class_ap"][names[c]] == pytest.approx(average_precision_score(y[:, c], probs[:, c]), abs=1e-12)
-        else:
-            assert m["per_class_ap"][names[c]] is None
-    assert m["map_macro"] == pytest.approx(average_precision_score(y[:, present], probs[:, present], average="macro"))
-    assert m["map_micro"] == pytest.approx(average_precision_score(y, probs, average="micro"))
-    pred = (probs >= 0.5).astype(int)
-    assert m["f1"] == pytest.approx(f1_score(y, pred, average="micro"))
-    assert m["f1_macro"] == pytest.approx(f1_score(y[:, present], pred[:, present], average="macro"))
-    assert m["classes_present"] == int(present.sum()) == 6
-    assert average_precision(np.zeros(5), np.arange(5)) is None
-    assert average_precision(np.ones(4), np.zeros(4)) == pytest.approx(1.0)
-
-
-# ----------------------------------------------------------------------------- label subsets
-
-
-def _labels(seed: int = 0) -> np.ndarray:
-    """2000 multi-label samples over 19 classes: frequent, rare (3, 2, 1 carriers) and one absent class."""
-    rng = np.random.default_rng(seed)
-    p = np.linspace(0.02, 0.5, 19)
-    y = (rng.random((2000, 19)) < p).astype(np.uint8)
-    y[:, 0] = 0
-    y[:, 1] = 0
-    y[[10, 500, 1500], 1] = 1
-    y[:, 2] = 0
-    y[[7, 1999], 2] = 1
-    y[:, 3] = 0
-    y[1234, 3] = 1
-    y[:, 18] = 0  # absent
-    return y
-
-
-@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
-def test_label_subset_is_seeded_sized_and_covers_every_class(fraction):
-    y = _labels()
-    a = select_subset(y, fraction, seed=3)
-    assert np.array_equal(a, select_subset(y, fraction, seed=3))  # deterministic
-    assert not np.array_equal(a, select_subset(y, fraction, seed=4))  # another seed, another subset
-    assert len(a) == subset_size(len(y), fraction) == round(fraction * len(y))
-    assert len(set(a.tolist())) == len(a) and np.all(np.diff(a) > 0)
-    present = y.sum(0) > 0
-    assert np.array_equal(y[a].sum(0) > 0, present)  # 20 samples are enough for the 17 present classes
-    if fraction >= 0.1:  # stratified: the frequent classes keep roughly their share
-        share, full = y[a].mean(0), y.mean(0)
-        frequent = full > 0.1
-        assert np.all(np.abs(share[frequent] - full[frequent]) < 0.25 * full[frequent])
-
-
-def test_label_subset_edge_cases():
-    y = _labels()
-    assert np.array_equal(select_subset(y, 1.0, seed=0), np.arange(len(y)))
-    tiny = select_subset(y, 0.002, seed=0)  # 4 samples cannot cover 17 classes: the rarest come first
-    assert len(tiny) == 4
-    assert {1234, 7, 1999} & set(tiny.tolist()) and y[tiny, 3].sum() == 1
-
-
-# ----------------------------------------------------------------------------- layer decay
-
-
-def test_layer_decay_groups_scale_by_depth():
-    net = FusMAE(FusMAEConfig.preset("tiny", s2_channels=12, patch_size=8, img_size=32))
-    model = Classifier(net, 19)
-    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5, encoder_lr_scale=0.1)
-    n = len(net.blocks)
-    by_name = {name: g for g in groups for name in g["names"]}
-    assert by_name["head.weight"]["lr"] == 1.0 and by_name["head.weight"]["weight_decay"] == 0.05
-    assert by_name["head.bias"]["weight_decay"] == 0.0
-    assert by_name["encoder.norm.weight"]["lr"] == pytest.approx(0.1)
-    assert by_name[f"encoder.blocks.{n - 1}.mlp.fc1.weight"]["lr"] == pytest.approx(0.1 * 0.5)
-    assert by_name["encoder.blocks.0.s1_from_s2.mlp.fc1.weight"]["lr"] == pytest.approx(0.1 * 0.5 ** n)
-    assert by_name["encoder.patch_embed.s2.proj.weight"]["lr"] == pytest.approx(0.1 * 0.5 ** (n + 1))
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-
-
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -323,7 +142,9 @@ def test_linear_probe_is_deterministic_and_reuses_cached_features(ben, zero2, tm
     assert "cached in" not in capsys.readouterr().out
     b = evaluate(eval_cfg(ben, tmp_path / "b", str(zero2), "eval.label_fraction=0.5",
                           f"eval.feature_cache_dir={shared}"), memory=MemoryCache())
-    assert capsys.readouterr().out.count("cached in") == 3  # train, val, test from the shared folder
+    out = capsys.readouterr().out
+    assert out.count("cached in") == 3  # train, val, test from the shared folder
+    assert "training label index: reused from" in out  # and the metadata pass too
     assert len(list(shared.glob("features-*.pt"))) == 3
     for key in ("map_macro", "map_micro", "f1", "f1_macro", "per_class_ap"):
         assert a[key] == b[key]
@@ -380,7 +201,7 @@ def test_command_line_baseline(ben, tmp_path):
 
 @pytest.mark.slow
 def test_mismatched_or_missing_checkpoints_fail_clearly(ben, tmp_path):
-    from launch.export import export_encoder
+    from launch.training.export import export_encoder
 
     cfg13 = FusMAEConfig.preset("tiny", patch_size=8, s2_channels=13, img_size=32)
     export_encoder(FusMAE(cfg13).encoder_state_dict(), cfg13, {}, str(tmp_path / "l1c"))
@@ -424,7 +245,7 @@ def test_finetune_resume_gives_the_uninterrupted_results(ben, zero2, tmp_path, c
 @pytest.mark.slow
 def test_finetune_with_two_processes(ben, zero2, tmp_path):
     run = tmp_path / "ddp"
-    proc = deepspeed(2, "launch/eval.py", DEBUG_LINEAR, *data_overrides(ben), f"eval.pretrained={zero2}",
+    proc = deepspeed(2, "launch/eval.py", "--config", DEBUG_LINEAR, *data_overrides(ben), f"eval.pretrained={zero2}",
                      f"run.dir={run}", *FAST_FINETUNE, "eval.batch_size=4", "eval.label_fraction=0.5",
                      "data.num_workers=1")
     assert "mAP macro" in proc.stdout
@@ -453,3 +274,91 @@ def test_pretrained_and_checkpoints_on_s3_without_credentials_in_outputs(ben, ze
     for path in run.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+# ----------------------------------------------------------------------------- the subset is read by key
+
+
+def _subset_keys(train_manifest: str, fraction: float, seed: int) -> set[str]:
+    """The keys `select_subset` picks from the training labels sorted by key, read here straight from the tar."""
+    labels = {}
+    for shard in sorted(Path(train_manifest).parent.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    labels[m.name.partition(".")[0]] = json.load(tar.extractfile(m))["label_vector"]
+    keys = sorted(labels)
+    idx = select_subset(np.array([labels[k] for k in keys], dtype=np.uint8), fraction, seed)
+    return {keys[i] for i in idx}
+
+
+def _corrupt_images_outside(train_manifest: str, keep: set[str]) -> int:
+    """Overwrite the s1/s2 .npy bytes of every sample not in ``keep`` with garbage of the same size (headers
+    and json members intact, so a metadata pass still works); returns the samples corrupted."""
+    corrupted = set()
+    for shard in Path(train_manifest).parent.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            members = [m for m in tar.getmembers() if m.name.endswith(".npy") and m.name.partition(".")[0] not in keep]
+        with open(shard, "r+b") as f:
+            for m in members:
+                f.seek(m.offset_data)
+                f.write(b"\xff" * m.size)
+                corrupted.add(m.name.partition(".")[0])
+    return len(corrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["linear", "finetune"])
+def test_only_the_selected_training_samples_are_read(ben, tmp_path, caplog, protocol):
+    """The training split's image bytes outside the label subset are garbage: a whole-split read would
+    skip the shard (losing samples, changing the results, warning); a read by key does not notice."""
+    from launch.data.loader import LoaderSettings, PassLoader
+    from pipeline.manifest import load_manifest
+
+    fraction, seed = 0.25, 0
+    keep = _subset_keys(ben["train"], fraction, seed)
+    assert len(keep) == 5
+    copy = tmp_path / "train"
+    shutil.copytree(Path(ben["train"]).parent, copy)
+    assert _corrupt_images_outside(str(copy / "manifest.json"), keep) == 15
+    whole = PassLoader(load_manifest(str(copy / "manifest.json")), LoaderSettings(num_workers=0), batch_size=4)
+    with caplog.at_level(logging.WARNING):
+        read = sum(len(b["keys"]) for b in whole)
+    assert read < 20  # the corruption is real: a whole pass loses samples, with a warning
+    assert any("skipping shard" in r.getMessage() for r in caplog.records)
+
+    args = ["eval.pretrained=none", f"eval.label_fraction={fraction}", f"eval.seed={seed}", "eval.epochs=3",
+            "eval.cache_features=false", "data.num_workers=0"]
+    if protocol == "finetune":
+        args += [*FAST_FINETUNE, "eval.epochs=1", "eval.checkpoint_every=0"]
+    clean = evaluate(load_eval_config(DEBUG_LINEAR, [*data_overrides(ben), f"run.dir={tmp_path / 'clean'}", *args]),
+                     memory=MemoryCache())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        dirty = evaluate(load_eval_config(DEBUG_LINEAR, [*data_overrides({**ben, "train": str(copy / "manifest.json")}),
+                                                         f"run.dir={tmp_path / 'dirty'}", *args]), memory=MemoryCache())
+    assert not [r for r in caplog.records if "skipping shard" in r.getMessage()]
+    assert dirty["settings"]["train_subset"]["keys_sha256"] == keys_digest(sorted(keep))
+    assert dirty["history"] == clean["history"]
+    for key in ("map_macro", "map_micro", "f1", "f1_macro", "per_class_ap"):
+        assert dirty[key] == clean[key], key
+
+
+@pytest.mark.slow
+def test_small_subsets_read_with_fewer_workers(ben, tmp_path, caplog):
+    """A subset smaller than processes x workers reads with fewer workers; fewer samples than processes fail."""
+    with caplog.at_level(logging.WARNING):
+        doc = evaluate(eval_cfg(ben, tmp_path / "one", "none", "eval.label_fraction=0.05", "data.num_workers=2",
+                                *FAST_FINETUNE, "eval.epochs=1", "eval.checkpoint_every=0"), memory=MemoryCache())
+    assert doc["settings"]["train_subset"]["size"] == 1
+    assert any("reading with 1 worker(s) per process" in r.getMessage() for r in caplog.records)
+    # two processes (the check runs before any collective, so one process can stand for rank 0 of two)
+    cfg = eval_cfg(ben, tmp_path / "two", "none", "eval.label_fraction=0.05", "data.num_workers=2")
+    from launch.evaluation.data import SplitCache
+    from launch.evaluation.subset import choose_subset
+
+    data = EvalData(cfg, Runtime(rank=0, world_size=2))
+    index = EvalData(cfg, Runtime()).train_index(SplitCache(cfg, Runtime(), MemoryCache()))
+    subset = choose_subset(index.keys, index.labels, index.positions, 0.05, 0)
+    with pytest.raises(ConfigError, match=r"eval\.label_fraction=0\.05 selects 1 training sample.*2 processes"):
+        data.train_stream(subset, batch_size=4, seed=0)

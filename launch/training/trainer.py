@@ -10,7 +10,6 @@ resolved config (credentials redacted).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -20,94 +19,57 @@ from typing import Any, Optional
 import torch
 
 from launch import distributed
-from launch.augment import DeviceAugment
-from launch.checkpoint import CheckpointStore, Committed
-from launch.config import Config, ConfigError, deepspeed_config, save_config
-from launch.export import export_encoder
-from launch.loader import ShardLoader, load_manifest
-from launch.metrics import MetricsLogger
-from launch.pictures import save_reconstructions
+from launch.config import ConfigError, PretrainConfig, deepspeed_config, save_config
+from launch.data.augment import DeviceAugment
+from launch.data.fit import check_model_fits
+from launch.data.loader import LoaderSettings, PassLoader, ShardLoader
+from launch.training import checkpoint
+from launch.training.checkpoint import CheckpointWriter, Committed
+from launch.training.export import export_encoder
+from launch.training.metrics import MetricsLogger
+from launch.training.pictures import save_reconstructions
+from launch.training.schedule import decay_groups, warmup_cosine
 from model import FusMAE
 from model.flops import estimate_flops_per_sample
+from pipeline.manifest import load_manifest
 from pipeline.storage import redact_url
 
-log = logging.getLogger("launch.trainer")
-
-
-def lr_lambda(cfg: Config):
-    """Linear warm-up to train.lr, then cosine decay to train.min_lr at train.max_steps (as a factor of lr)."""
-    t = cfg.train
-    floor = t.min_lr / t.lr
-
-    def factor(step: int) -> float:
-        if t.warmup_steps and step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def param_groups(model: FusMAE, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on tokens, norms and biases (MAE's recipe)."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+log = logging.getLogger("launch.training.trainer")
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
-        import deepspeed
-
+    def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        self.rank, self.world_size, self.local_rank = distributed.init()
+        self.rt = distributed.Runtime.start()
+        self.rank, self.world_size, self.local_rank = self.rt.rank, self.rt.world_size, self.rt.local_rank
         self.has_gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", self.local_rank) if self.has_gpu else torch.device("cpu")
+        self.device = self.rt.device
         torch.manual_seed(cfg.train.seed)
         os.makedirs(cfg.run.dir, exist_ok=True)
         if self.rank == 0:
             save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
 
         self.manifest = load_manifest(cfg.data.manifest, cfg.data.storage_options)
-        self._check_data_matches_model()
+        check_model_fits(cfg.model, self.manifest, "model.*", image_size=cfg.data.image_size)
         self.model = FusMAE(cfg.model)
 
         # Where to resume from must be known before the engine exists (universal loading is an engine option).
-        self.store: Optional[CheckpointStore] = None
-        self.resume_from: Optional[tuple[CheckpointStore, Committed]] = None
-        self.run_id = distributed.broadcast_object(CheckpointStore.new_run_id() if self.rank == 0 else None)
+        self.run_id = self.rt.broadcast(checkpoint.new_run_id() if self.rank == 0 else None)
+        self.writer: Optional[CheckpointWriter] = None
         if cfg.checkpoint.dir:
-            staging = os.path.join(cfg.run.dir, "staging")
-            self.store = CheckpointStore(cfg.checkpoint.dir, staging, self.rank, self.world_size, cfg.checkpoint.keep,
-                                         cfg.checkpoint.storage_options)
-            self.store.run_id = self.run_id
-        self.resume_from = distributed.broadcast_object(self._resolve_resume() if self.rank == 0 else None)
-        universal = bool(self.resume_from and self.resume_from[1].world_size != self.world_size)
+            self.writer = CheckpointWriter(cfg.checkpoint.dir, os.path.join(cfg.run.dir, "staging"), self.rank,
+                                           self.world_size, cfg.checkpoint.keep, self.run_id,
+                                           cfg.checkpoint.storage_options)
+        self.resume_from: Optional[Committed] = self.rt.on_main(self._resolve_resume, expected=(ConfigError,))
+        universal = bool(self.resume_from and self.resume_from.world_size != self.world_size)
 
-        ds_config = deepspeed_config(cfg, self.world_size, self.has_gpu)
-        if universal:
-            ds_config["checkpoint"] = {"load_universal": True}
-        use_torch_adam = cfg.deepspeed.torch_adam if cfg.deepspeed.torch_adam is not None else not self.has_gpu
-        groups = param_groups(self.model, cfg.train.weight_decay)
-        if use_torch_adam:
-            optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=self.has_gpu)
-        else:  # DeepSpeed's fused Adam, configured from the same schema
-            optimizer = None
-            ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "betas": list(cfg.train.betas),
-                                                                  "weight_decay": cfg.train.weight_decay}}
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=groups, optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)), config=ds_config,
-        )
+        self.engine, self.optimizer, self.scheduler = self._engine(universal)
         self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
 
-        d = cfg.data
-        self.loader = ShardLoader.from_config(d, rank=self.rank, world_size=self.world_size,
-                                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed)
-        self.augment = DeviceAugment(self.manifest, d.image_size).to(self.device)
+        d, t = cfg.data, cfg.train
+        self.loader = ShardLoader(self.manifest, LoaderSettings.from_config(d), rank=self.rank,
+                                  world_size=self.world_size, micro_batch_size=t.micro_batch_size, seed=t.seed)
+        self.augment = DeviceAugment.for_manifest(self.manifest, d.image_size).to(self.device)
         self.step = 0
         self.skipped = 0
         if self.resume_from is not None:
@@ -121,47 +83,57 @@ class Trainer:
         self._picture_batch = self._fixed_batch()
 
     # ------------------------------------------------------------------ setup
-    def _check_data_matches_model(self) -> None:
-        mods = self.manifest.modalities
-        m = self.cfg.model
-        for key, mod in (("s1_channels", "s1"), ("s2_channels", "s2")):
-            have = len(mods[mod]["bands"])
-            if getattr(m, key) != have:
-                raise ConfigError(f"model.{key}={getattr(m, key)} but the shards of {redact_url(self.cfg.data.manifest)} "
-                                  f"hold {have} {mod.upper()} bands {mods[mod]['bands']}")
-        size = self.manifest.image_size
-        if self.cfg.data.image_size > min(size):
-            raise ConfigError(f"data.image_size={self.cfg.data.image_size} is larger than the shards' images {size}")
+    def _engine(self, universal: bool) -> tuple[Any, Any, Any]:
+        """The DeepSpeed engine, its optimizer (AdamW, no decay on tokens, norms and biases) and the schedule."""
+        import deepspeed
 
-    def _resolve_resume(self) -> Optional[tuple[CheckpointStore, Committed]]:
+        cfg, t = self.cfg, self.cfg.train
+        ds_config = deepspeed_config(cfg, self.world_size, self.has_gpu)
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        use_torch_adam = cfg.deepspeed.torch_adam if cfg.deepspeed.torch_adam is not None else not self.has_gpu
+        groups = decay_groups(self.model, t.weight_decay, self.model.no_weight_decay())
+        if use_torch_adam:
+            optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=self.has_gpu)
+        else:  # DeepSpeed's fused Adam, configured from the same schema
+            optimizer = None
+            ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas),
+                                                                  "weight_decay": t.weight_decay}}
+        schedule = warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr / t.lr)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=groups, optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), config=ds_config,
+        )
+        return engine, optimizer, scheduler
+
+    def _resolve_resume(self) -> Optional[Committed]:
         """Rank 0 only: the checkpoint to load, after cleaning what an interrupted run left behind."""
         cfg = self.cfg
+        ckpt_dir, options = cfg.checkpoint.dir, cfg.checkpoint.storage_options
         if cfg.resume == "none":
-            if self.store is not None and self.store.latest() is not None:
-                raise ConfigError(f"checkpoint.dir {redact_url(cfg.checkpoint.dir)} already holds committed "
+            if ckpt_dir and checkpoint.find_latest(ckpt_dir, options) is not None:
+                raise ConfigError(f"checkpoint.dir {redact_url(ckpt_dir)} already holds committed "
                                   "checkpoints: pass resume=auto to continue, or choose another checkpoint.dir")
-            if self.store is not None:
-                self.store.discard_uncommitted(None)
+            if ckpt_dir:
+                checkpoint.discard_uncommitted(ckpt_dir, options, None)
             return None
-        if self.store is None and cfg.resume == "auto":
+        if not ckpt_dir and cfg.resume == "auto":
             raise ConfigError("resume=auto needs checkpoint.dir")
-        base = self.store or CheckpointStore("memory://unused", os.path.join(cfg.run.dir, "staging"), 0,
-                                             self.world_size, cfg.checkpoint.keep)
-        found = base.resolve(cfg.resume)
-        if self.store is not None and cfg.resume == "auto":
-            self.store.discard_uncommitted(found[1].tag if found else None)
+        found = checkpoint.resolve(cfg.resume, ckpt_dir, options)
+        if ckpt_dir and cfg.resume == "auto":
+            checkpoint.discard_uncommitted(ckpt_dir, options, found.tag if found else None)
         if found is None:
-            print(f"resume=auto: no committed checkpoint in {redact_url(cfg.checkpoint.dir)}; starting fresh", flush=True)
+            print(f"resume=auto: no committed checkpoint in {redact_url(ckpt_dir)}; starting fresh", flush=True)
         return found
 
     def _load(self, universal: bool) -> None:
-        store, ckpt = self.resume_from
+        ckpt = self.resume_from
         # One process per host downloads the checkpoint (ZeRO loading reads every rank's partition files);
         # at another world size it also converts it to DeepSpeed's universal format. The others wait.
         folder = os.path.join(self.cfg.run.dir, "staging", f"resume-{distributed.hostname()}")
         tag = ckpt.tag + "_universal" if universal else ckpt.tag
         if self.local_rank == 0:
-            store.fetch(ckpt, dest=folder)
+            checkpoint.fetch(ckpt, folder, self.cfg.checkpoint.storage_options)
             if universal:
                 subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                                 "--input_folder", os.path.join(folder, ckpt.tag),
@@ -176,16 +148,15 @@ class Trainer:
         self.loader.load_state_dict(client["loader"])
         if self.rank == 0:
             how = f"universal conversion from world size {ckpt.world_size}" if universal else "same world size"
-            print(f"resumed from {redact_url(store.url)}/{ckpt.tag} at step {self.step} ({how})", flush=True)
+            print(f"resumed from {redact_url(ckpt.url)}/{ckpt.tag} at step {self.step} ({how})", flush=True)
 
     def _fixed_batch(self) -> Optional[dict[str, Any]]:
         """A few samples, the same on every rank and every run, for the reconstruction pictures."""
         if not self.cfg.checkpoint.dir:  # pictures are drawn at checkpoints only
             return None
         n = min(16, self.manifest.num_samples)
-        first = ShardLoader(self.manifest, rank=0, world_size=1, micro_batch_size=n, num_workers=0,
-                            seed=0, finite=True, storage_options=self.cfg.data.storage_options)
-        batch = next(iter(first))
+        settings = LoaderSettings(num_workers=0, storage_options=dict(self.cfg.data.storage_options))
+        batch = next(iter(PassLoader(self.manifest, settings, batch_size=n, with_meta=False)))
         # spread over the set (consecutive samples are often the same place at other dates)
         pick = torch.linspace(0, batch["s1"].shape[0] - 1, min(4, batch["s1"].shape[0])).long()
         return {k: (v[pick] if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -230,14 +201,14 @@ class Trainer:
         stall_total = 0.0
         while self.step < stop:
             self.train_step(batches)
-            if self.store is not None and (self.step % cfg.checkpoint.every_steps == 0 or self.step == stop):
+            if self.writer is not None and (self.step % cfg.checkpoint.every_steps == 0 or self.step == stop):
                 stall_total += self.checkpoint()
             if self.step % cfg.train.log_every == 0 or self.step == stop:
                 self.metrics.log(self.step, self.scheduler.get_last_lr()[0],
                                  {"skipped_shards": int(self.skipped), "checkpoint_stall_s": round(stall_total, 4)})
-        if self.store is not None:
+        if self.writer is not None:
             t0 = time.time()
-            self.store.wait()
+            self.writer.wait()
             if self.rank == 0:
                 print(f"last checkpoint upload finished {time.time() - t0:.1f}s after training", flush=True)
         if self.step >= cfg.train.max_steps:
@@ -248,7 +219,7 @@ class Trainer:
     def checkpoint(self) -> float:
         """Save (upload continues in the background) and draw the pictures; returns the seconds training stalled."""
         t0 = time.time()
-        self.store.save(self.engine, self.step, self._client_state(), self.cfg.deepspeed.zero_stage)
+        self.writer.save(self.engine, self.step, self._client_state(), self.cfg.deepspeed.zero_stage)
         self.save_pictures()
         return time.time() - t0
 

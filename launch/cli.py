@@ -1,0 +1,41 @@
+"""What the job CLIs share: ``--config RECIPE key=value ...``, the launcher's ``--local_rank``, exit codes.
+
+Exit codes: 0 done; 2 a configuration or usage problem (the message names the key),
+raised before any work or by the job itself as a ``ConfigError`` (or another error type
+the job declares as the user's to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+
+def parse_args(doc: str, recipes: str, example: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help=f"YAML recipe ({recipes})")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    return p.parse_args(argv)
+
+
+def run_job(args: argparse.Namespace, load: Callable[[str, list[str]], Any], job: Callable[[Any], Any],
+            user_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Load the config (errors: exit 2 before anything starts), run ``job(cfg)`` (ConfigError and
+    ``user_errors``: exit 2 with the message; anything else propagates with its traceback)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from launch.config import ConfigError
+
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        job(cfg)
+    except (ConfigError, *user_errors) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -1,0 +1,305 @@
+"""Reading shards for one loader stream: opening, retrying, caching, skipping bad shards.
+
+A stream asks for slot ranges of a shard order (`ShardReader.slots`) and gets one
+item per slot: a `RawSample`, or None for a slot whose shard failed. Two ways to
+find a slot's bytes:
+
+- sequential: slot i of a shard is its i-th sample, reached by walking tar
+  headers from the start (the skipped samples' data is never read);
+- a `Selection`: slot i of a shard is the i-th selected sample, read at its
+  recorded byte offset, so only the selected samples' bytes are read.
+
+Errors are of two kinds: the format (a truncated member, a wrong shape, fewer
+samples than the manifest says) skips the rest of the shard's slots and counts
+them; I/O errors reopen the shard at the sample it was at, a few times, before
+the shard is given up the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple, Optional
+
+import numpy as np
+from torch.utils.data import get_worker_info
+
+from pipeline.manifest import ShardInfo
+from pipeline.shards import MEMBERS, iter_samples, npy_view
+from pipeline.storage import redact_url, retrying, url_to_fs
+
+try:  # POSIX file locks keep two workers of one node from downloading the same shard twice
+    import fcntl
+except ImportError:  # pragma: no cover - not Linux: duplicate downloads are harmless, only wasteful
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("launch.data.reader")
+
+DEFAULT_BLOCK_SIZE = 16 << 20
+"""Read-ahead of a shard read sequentially: ~8 samples of 2 MB per range request."""
+SPARSE_BLOCK_SIZE = 64 << 10
+"""Read-ahead while walking tar headers to a start sample, and for selected samples read by offset."""
+HEADER_BLOCK_SIZE = 1 << 10
+"""Read-ahead of a metadata-only pass (headers and json members; the arrays are skipped)."""
+MID_STREAM_RETRIES = 2
+"""Reopen a shard at the current sample after this many I/O errors before giving it up."""
+
+
+class ShardError(Exception):
+    """A shard that does not match the format or the manifest (skipped, never retried)."""
+
+
+class RawSample(NamedTuple):
+    key: str
+    s1: Optional[np.ndarray]
+    """(2, H, W) view on the member bytes; None in a metadata-only pass."""
+    s2: Optional[np.ndarray]
+    """(C, H, W) view on the member bytes; None in a metadata-only pass."""
+    meta: Optional[dict[str, Any]]
+    shard: str
+    """Name of the shard it came from."""
+    offset: int
+    """Byte offset of its first tar header in that shard: where `Selection` reads it again."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A subset of a shard set's samples: for each shard name, the byte offsets of the selected samples."""
+
+    offsets: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, positions: list[tuple[str, int]]) -> "Selection":
+        """From (shard name, byte offset) pairs, e.g. the ``positions`` a metadata pass reported."""
+        out: dict[str, list[int]] = {}
+        for name, offset in positions:
+            out.setdefault(name, []).append(int(offset))
+        return cls({k: tuple(sorted(v)) for k, v in out.items()})
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(v) for v in self.offsets.values())
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(sorted(self.offsets.items())).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What a reader needs (pickled to worker processes; no open handles)."""
+
+    shards: tuple[ShardInfo, ...]
+    fingerprint: str
+    s1_shape: tuple[int, int, int]
+    s2_shape: tuple[int, int, int]
+    s1_dtype: str
+    s2_dtype: str
+    rank: int = 0
+    images: bool = True
+    """Read and check the arrays; False: keys, positions and json only (a metadata pass)."""
+    with_meta: bool = False
+    offsets: Optional[tuple[tuple[int, ...], ...]] = None
+    """Per shard, the byte offsets of the selected samples (a `Selection`); None: every sample."""
+    cache_dir: Optional[str] = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def counts(self) -> np.ndarray:
+        """Slots per shard."""
+        if self.offsets is None:
+            return np.array([s.samples for s in self.shards], dtype=np.int64)
+        return np.array([len(o) for o in self.offsets], dtype=np.int64)
+
+    def members_to_read(self) -> set[str]:
+        return ({"s1.npy", "s2.npy"} if self.images else set()) | ({"json"} if self.with_meta else set())
+
+
+class ShardReader:
+    """Reads slot ranges of shards for one stream (see the module docstring)."""
+
+    def __init__(self, spec: ReadSpec):
+        self.spec = spec
+        self.counts = spec.counts()
+        self.read = spec.members_to_read()
+        self.skipped_shards = 0
+        self.skipped_samples = 0
+        self.pending_warnings: list[str] = []
+        self._in_worker = get_worker_info() is not None
+        self._uncacheable: set[str] = set()  # shards whose download did not check out: read from the store
+
+    def warn(self, msg: str) -> None:
+        # Worker processes do not share the trainer's logging setup: their warnings travel with
+        # the next batch and the loader logs them in the main process.
+        if self._in_worker:
+            self.pending_warnings.append(msg)
+        else:
+            log.warning(msg)
+
+    def slots(self, order: np.ndarray, lo: int, hi: int) -> Iterator[Optional[RawSample]]:
+        """One item per slot in [lo, hi) of the slot sequence of shard ``order``; None for a lost slot."""
+        starts = np.concatenate([[0], np.cumsum(self.counts[order])])
+        p = int(np.searchsorted(starts, lo, side="right")) - 1
+        pos = lo
+        while pos < hi:
+            index = int(order[p])
+            n = int(min(hi, starts[p + 1]) - pos)
+            if n > 0:
+                yield from self.segment(index, int(pos - starts[p]), n)
+            pos += n
+            p += 1
+
+    def segment(self, index: int, first: int, count: int) -> Iterator[Optional[RawSample]]:
+        """Slots [first, first + count) of shard ``index``; after a failure, None for each remaining slot."""
+        shard = self.spec.shards[index]
+        done, attempts = 0, 0
+        samples = self._samples(index, first, count)
+        try:
+            while done < count:
+                try:
+                    raw = next(samples)
+                except (ShardError, tarfile.TarError, ValueError, KeyError, EOFError, FileNotFoundError,
+                        PermissionError, StopIteration) as err:
+                    self._give_up(shard, err, count - done)
+                    break
+                except Exception as err:  # noqa: BLE001 - I/O trouble: reopen at the sample we were at
+                    attempts += 1
+                    if attempts > MID_STREAM_RETRIES:
+                        self._give_up(shard, err, count - done)
+                        break
+                    log.debug("retrying %s at sample %d: %s", redact_url(shard.url), first + done, err)
+                    time.sleep(0.5 * attempts)
+                    samples.close()
+                    samples = self._samples(index, first + done, count - done)
+                    continue
+                done += 1
+                yield raw
+        finally:
+            samples.close()
+        for _ in range(count - done):
+            yield None
+
+    def _give_up(self, shard: ShardInfo, err: BaseException, lost: int) -> None:
+        self.skipped_shards += 1
+        self.skipped_samples += lost
+        reason = "ended early" if isinstance(err, StopIteration) else f"{type(err).__name__}: {err}"
+        self.warn(f"skipping shard {redact_url(shard.url)} (rank {self.spec.rank}): {reason}; "
+                  f"{lost} sample(s) of this stream lost")
+
+    # -- one shard ----------------------------------------------------------------------------
+
+    def _location(self, shard: ShardInfo) -> tuple[Any, str]:
+        if self.spec.cache_dir and shard.name not in self._uncacheable:
+            local = self._cached(shard)
+            if local is not None:
+                return url_to_fs(local)
+        return url_to_fs(shard.url, self.spec.storage_options)
+
+    def _samples(self, index: int, first: int, count: int) -> Iterator[RawSample]:
+        """Decode slots [first, first + count) of shard ``index``; raises on any deviation from the format."""
+        shard = self.spec.shards[index]
+        fs, path = self._location(shard)
+        if self.spec.offsets is not None:
+            yield from self._selected(shard, fs, path, self.spec.offsets[index][first:first + count])
+            return
+        offset = self._sample_offset(fs, path, first) if first else 0
+        block = self.spec.block_size if self.spec.images else HEADER_BLOCK_SIZE
+        with retrying(fs.open)(path, "rb", block_size=block) as f:
+            f.seek(offset)
+            n = 0
+            for key, start, members in iter_samples(f, self.read):
+                yield self._decode(shard, key, start, members)
+                n += 1
+                if n == count:
+                    return
+        raise ShardError(f"ended after {first + n} samples; the manifest lists {shard.samples}")
+
+    def _selected(self, shard: ShardInfo, fs: Any, path: str, offsets: tuple[int, ...]) -> Iterator[RawSample]:
+        with retrying(fs.open)(path, "rb", block_size=SPARSE_BLOCK_SIZE) as f:
+            for offset in offsets:
+                f.seek(offset)
+                found = next(iter_samples(f, self.read), None)
+                if found is None or found[1] != offset:
+                    raise ShardError(f"no sample at byte {offset}: the selection does not fit this shard")
+                yield self._decode(shard, *found)
+
+    def _sample_offset(self, fs: Any, path: str, index: int) -> int:
+        """Byte offset of sample ``index``'s first tar header, walking headers with a small read-ahead."""
+        seen = 0
+        with retrying(fs.open)(path, "rb", block_size=SPARSE_BLOCK_SIZE) as f:
+            for _, start, _ in iter_samples(f, read=()):
+                if seen == index:
+                    return start
+                seen += 1
+        raise ShardError(f"has {seen} samples; the manifest lists {index + 1} or more")
+
+    def _decode(self, shard: ShardInfo, key: str, offset: int, members: dict[str, Optional[bytes]]) -> RawSample:
+        missing = [m for m in MEMBERS if m not in members]
+        if missing:
+            raise ShardError(f"sample {key}: missing member(s) {missing}")
+        spec = self.spec
+        s1 = s2 = None
+        if spec.images:
+            s1 = npy_view(members["s1.npy"])  # type: ignore[arg-type]
+            s2 = npy_view(members["s2.npy"])  # type: ignore[arg-type]
+            for name, arr, shape, dtype in (("s1", s1, spec.s1_shape, spec.s1_dtype),
+                                            ("s2", s2, spec.s2_shape, spec.s2_dtype)):
+                if arr.shape != shape or arr.dtype != np.dtype(dtype):
+                    raise ShardError(f"sample {key}: {name} is {arr.shape} {arr.dtype}, the manifest says "
+                                     f"{shape} {dtype}")
+        meta = json.loads(members["json"]) if spec.with_meta else None  # type: ignore[arg-type]
+        return RawSample(key, s1, s2, meta, shard.name, offset)
+
+    # -- the local cache ------------------------------------------------------------------------
+
+    def _cached(self, shard: ShardInfo) -> Optional[str]:
+        """The local copy of ``shard``, downloaded and checked first if needed; None if it did not check out."""
+        folder = os.path.join(self.spec.cache_dir, self.spec.fingerprint)  # type: ignore[arg-type]
+        dest = os.path.join(folder, shard.name)
+        if _size(dest) == shard.bytes:
+            return dest
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f".{shard.name}.lock"), "a+b") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if _size(dest) == shard.bytes:  # another worker of this node fetched it meanwhile
+                return dest
+            fs, path = url_to_fs(shard.url, self.spec.storage_options)
+            try:
+                if retrying(self._download)(fs, path, shard, dest):
+                    return dest
+            except Exception as err:  # noqa: BLE001 - fall back to reading the store directly
+                self.warn(f"cannot cache {redact_url(shard.url)}: {type(err).__name__}: {err}")
+        self._uncacheable.add(shard.name)
+        return None
+
+    def _download(self, fs: Any, path: str, shard: ShardInfo, dest: str) -> bool:
+        tmp = f"{os.path.dirname(dest)}/.{shard.name}.{uuid.uuid4().hex}.tmp"
+        sha, size = hashlib.sha256(), 0
+        try:
+            with fs.open(path, "rb", block_size=self.spec.block_size) as src, open(tmp, "wb") as out:
+                while chunk := src.read(self.spec.block_size):
+                    sha.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            if size != shard.bytes or sha.hexdigest() != shard.sha256:
+                self.warn(f"not caching {redact_url(shard.url)}: {size} bytes, sha256 {sha.hexdigest()[:12]}…, "
+                          f"the manifest says {shard.bytes} bytes, {(shard.sha256 or '')[:12]}…")
+                return False
+            os.replace(tmp, dest)  # atomic: readers see the whole checked file or nothing
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1

@@ -1,0 +1,5 @@
+import sys
+
+from launch.demo.demo import main
+
+sys.exit(main())

@@ -1,0 +1,279 @@
+"""Checkpoints in object storage: one commit protocol, a writer for training runs, and finding / fetching.
+
+Layout under a checkpoint folder (any fsspec URL)::
+
+    step-00000040/                         one folder per checkpoint (fine-tuning: epoch-00003/)
+        mp_rank_00_model_states.pt         DeepSpeed's own files (fine-tuning: state.pt)
+        bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+        _ranks/rank<r>.json                what rank r wrote: names, bytes, sha256, run id
+    latest                                 the commit pointer: {"tag": "step-00000040", ...}
+
+The protocol (`write_rank_record`, `commit`): every rank uploads its own files
+and then its rank record; rank 0 writes ``latest`` only after every rank's
+record is there and every listed object has the recorded size, then prunes
+older checkpoints beyond ``keep``. A checkpoint interrupted anywhere is never
+named by ``latest``, so ``resume=auto`` never picks it. Pretraining
+(`CheckpointWriter`) and fine-tuning (`launch.evaluation.finetune`) both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pipeline.storage import put_atomic, read_bytes, redact_url, retrying, sha256_file, url_to_fs, write_bytes_atomic
+
+log = logging.getLogger("launch.training.checkpoint")
+LATEST = "latest"
+RANKS_DIR = "_ranks"
+STEP_PREFIX = "step-"
+
+
+def tag_for(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A complete checkpoint: where its folder is and what ``latest`` (or its rank records) say of it."""
+
+    url: str
+    """The checkpoint folder holding ``<tag>/`` (and ``latest``)."""
+    tag: str
+    step: int
+    world_size: int
+    zero_stage: int
+    run_id: str
+
+
+# -- the commit protocol ----------------------------------------------------------------------
+
+
+def rank_records(fs: Any, root: str, tag: str) -> Optional[list[dict[str, Any]]]:
+    """The rank records of ``tag``; None when it has none."""
+    try:
+        paths = fs.ls(f"{root}/{tag}/{RANKS_DIR}", detail=False, refresh=True)
+    except FileNotFoundError:
+        return None
+    return [json.loads(read_bytes(fs, p)) for p in paths if p.endswith(".json")]
+
+
+def write_rank_record(fs: Any, root: str, tag: str, rank: int, world_size: int, run_id: str,
+                      files: list[dict[str, Any]], **extra: Any) -> None:
+    """Rank ``rank``'s record of ``tag``: written after its files, so its presence means they are complete."""
+    record = {"rank": rank, "world_size": world_size, "run_id": run_id, "files": files, **extra}
+    write_bytes_atomic(fs, f"{root}/{tag}/{RANKS_DIR}/rank{rank}.json", json.dumps(record, sort_keys=True).encode())
+
+
+def upload_files(fs: Any, root: str, tag: str, local_paths: list[str]) -> list[dict[str, Any]]:
+    """Put each local file under ``<root>/<tag>/`` atomically; their entries for the rank record."""
+    files = []
+    for path in local_paths:
+        name = os.path.basename(path)
+        put_atomic(fs, path, f"{root}/{tag}/{name}")
+        files.append({"name": name, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
+    return files
+
+
+def is_complete(fs: Any, root: str, tag: str, run_id: Optional[str]) -> bool:
+    """Every rank's record of ``tag`` is there (from ``run_id`` if given) and every object has its size."""
+    records = rank_records(fs, root, tag)
+    if not records:
+        return False
+    world = records[0]["world_size"]
+    if sorted(r["rank"] for r in records) != list(range(world)):
+        return False
+    if run_id is not None and any(r["run_id"] != run_id for r in records):
+        return False
+    for rec in records:
+        for f in rec["files"]:
+            try:
+                if fs.size(f"{root}/{tag}/{f['name']}") != f["bytes"]:
+                    return False
+            except FileNotFoundError:
+                return False
+    return True
+
+
+def commit(fs: Any, root: str, tag: str, run_id: str, pointer: dict[str, Any], keep: int,
+           timeout_s: float = 3600.0) -> bool:
+    """Rank 0: wait until ``tag`` is complete, write ``latest`` naming it, prune beyond ``keep``.
+
+    Returns False (nothing committed) when not every rank finished within ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    delay = 0.05
+    while not is_complete(fs, root, tag, run_id):
+        if time.time() > deadline:
+            log.error("checkpoint %s not committed: not every rank finished its upload in %.0fs", tag, timeout_s)
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    body = {**pointer, "tag": tag, "run_id": run_id, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_bytes_atomic(fs, f"{root}/{LATEST}", json.dumps(body, sort_keys=True).encode())
+    prune(fs, root, tag, keep)
+    return True
+
+
+def tags(fs: Any, root: str, prefix: str = STEP_PREFIX) -> list[str]:
+    """Checkpoint folders under ``root`` (committed or not), oldest first."""
+    try:
+        entries = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries if p.rstrip("/").rsplit("/", 1)[-1].startswith(prefix))
+
+
+def prune(fs: Any, root: str, newest: str, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints up to ``newest``; drop older ones (and older incomplete ones)."""
+    prefix = newest.rstrip("0123456789")
+    older = [t for t in tags(fs, root, prefix) if t < newest]
+    complete = [t for t in older if is_complete(fs, root, t, None)]
+    kept = set(complete[-(keep - 1):]) if keep > 1 else set()
+    for t in older:
+        if t not in kept:
+            retrying(fs.rm)(f"{root}/{t}", recursive=True)
+
+
+# -- finding and fetching ---------------------------------------------------------------------
+
+
+def find_latest(url: str, storage_options: Optional[dict[str, Any]] = None) -> Optional[Committed]:
+    """The checkpoint ``<url>/latest`` names, verified complete; None when there is no ``latest``."""
+    fs, root = url_to_fs(url, storage_options or {})
+    root = root.rstrip("/")
+    try:
+        pointer = json.loads(read_bytes(fs, f"{root}/{LATEST}"))
+    except FileNotFoundError:
+        return None
+    tag = pointer["tag"]
+    if not is_complete(fs, root, tag, pointer.get("run_id")):
+        raise RuntimeError(f"{redact_url(url)}/{LATEST} names {tag}, but its files are incomplete")
+    return Committed(url.rstrip("/"), tag, int(pointer.get("step", pointer.get("epoch", 0))),
+                     int(pointer["world_size"]), int(pointer.get("zero_stage", 0)), pointer.get("run_id", ""))
+
+
+def find_step(url: str, storage_options: Optional[dict[str, Any]] = None) -> Committed:
+    """One checkpoint folder ``<dir>/<tag>`` that every rank completed (FileNotFoundError otherwise)."""
+    base, _, tag = url.rstrip("/").rpartition("/")
+    fs, root = url_to_fs(base, storage_options or {})
+    root = root.rstrip("/")
+    records = rank_records(fs, root, tag)
+    if not records or not is_complete(fs, root, tag, records[0]["run_id"]):
+        raise FileNotFoundError(f"{redact_url(url)}: not a complete checkpoint (no `_ranks` records of every rank)")
+    r = records[0]
+    return Committed(base, tag, int(r.get("step", 0)), int(r["world_size"]), int(r.get("zero_stage", 0)), r["run_id"])
+
+
+def resolve(resume: str, checkpoint_dir: Optional[str],
+            storage_options: Optional[dict[str, Any]] = None) -> Optional[Committed]:
+    """``resume`` = none | auto | <URL of a checkpoint folder or of one of its step folders> → what to load."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(checkpoint_dir, storage_options) if checkpoint_dir else None
+    if resume.rstrip("/").rsplit("/", 1)[-1].startswith(STEP_PREFIX):
+        return find_step(resume, storage_options)
+    found = find_latest(resume, storage_options)
+    if found is None:
+        raise FileNotFoundError(f"resume={redact_url(resume)}: no committed checkpoint there")
+    return found
+
+
+def fetch(ckpt: Committed, dest: str, storage_options: Optional[dict[str, Any]] = None) -> str:
+    """Download every file of ``ckpt`` to ``dest/<tag>``, checking each checksum; returns ``dest``."""
+    fs, root = url_to_fs(ckpt.url, storage_options or {})
+    root = root.rstrip("/")
+    local = os.path.join(dest, ckpt.tag)
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(local, exist_ok=True)
+    for rec in rank_records(fs, root, ckpt.tag) or []:
+        for f in rec["files"]:
+            path = os.path.join(local, f["name"])
+            retrying(fs.get_file)(f"{root}/{ckpt.tag}/{f['name']}", path)
+            if sha256_file(path) != f["sha256"]:
+                raise RuntimeError(f"{ckpt.tag}/{f['name']}: checksum mismatch after download")
+    return dest
+
+
+def discard_uncommitted(url: str, storage_options: Optional[dict[str, Any]], newer_than: Optional[str],
+                        prefix: str = STEP_PREFIX) -> None:
+    """Remove checkpoint folders a crashed run left behind after the last commit (rank 0, at start)."""
+    fs, root = url_to_fs(url, storage_options or {})
+    root = root.rstrip("/")
+    for t in tags(fs, root, prefix):
+        if newer_than is None or t > newer_than:
+            log.warning("removing uncommitted checkpoint %s left by an interrupted run", t)
+            retrying(fs.rm)(f"{root}/{t}", recursive=True)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+# -- the training run's writer ----------------------------------------------------------------
+
+
+class CheckpointWriter:
+    """Saves DeepSpeed checkpoints of one rank: staged locally, uploaded in the background, committed by rank 0.
+
+    Every rank calls DeepSpeed's ``save_checkpoint`` into its *own* local staging
+    folder, so the files a rank wrote are exactly the files it uploads; uploads run
+    in a background thread while training continues.
+    """
+
+    def __init__(self, url: str, staging: str, rank: int, world_size: int, keep: int, run_id: str,
+                 storage_options: Optional[dict[str, Any]] = None, commit_timeout_s: float = 3600.0):
+        self.url = url.rstrip("/")
+        self.fs, root = url_to_fs(self.url, dict(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.staging = staging
+        self.rank, self.world_size, self.keep, self.run_id = rank, world_size, keep, run_id
+        self.commit_timeout_s = commit_timeout_s
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], zero_stage: int) -> float:
+        """Write this rank's part of the checkpoint locally and start uploading it; returns the seconds
+        training was stalled (the local write and the wait for the previous upload)."""
+        t0 = time.time()
+        self.wait()  # one upload in flight per rank; commits stay in step order
+        tag = tag_for(step)
+        local_root = os.path.join(self.staging, f"rank{self.rank}")
+        local = os.path.join(local_root, tag)
+        shutil.rmtree(local, ignore_errors=True)
+        engine.save_checkpoint(local_root, tag=tag, client_state=client_state, save_latest=False)
+        stall = time.time() - t0
+        self._thread = threading.Thread(target=self._upload, args=(local, tag, step, zero_stage),
+                                        name=f"ckpt-upload-{tag}", daemon=True)
+        self._thread.start()
+        return stall
+
+    def _upload(self, local: str, tag: str, step: int, zero_stage: int) -> None:
+        try:
+            paths = [os.path.join(local, n) for n in sorted(os.listdir(local)) if os.path.isfile(os.path.join(local, n))]
+            files = upload_files(self.fs, self.root, tag, paths)
+            write_rank_record(self.fs, self.root, tag, self.rank, self.world_size, self.run_id, files,
+                              step=step, zero_stage=zero_stage)
+            shutil.rmtree(local, ignore_errors=True)
+            if self.rank == 0:
+                pointer = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
+                if commit(self.fs, self.root, tag, self.run_id, pointer, self.keep, self.commit_timeout_s):
+                    log.info("checkpoint %s committed to %s", tag, redact_url(self.url))
+        except BaseException as err:  # noqa: BLE001 - reported by wait() on the training thread
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until this rank's upload (and, on rank 0, the commit) has finished; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"checkpoint upload failed: {type(err).__name__}: {err}") from err
