@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from launch.config import load_config
-    from launch.trainer import Trainer
+    from launch.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)

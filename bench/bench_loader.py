@@ -7,7 +7,7 @@ Then measures, each for ``--seconds``:
 
 - the source read straight, in one process: the Zarr archive's samples (S1 + S2 cubes
   through xarray, as preprocessing reads them), and the shards' raw tar + ``np.load``;
-- `launch.loader.ShardLoader` with ``--workers`` processes, from the local folder and
+- `launch.data.loader.ShardLoader` with ``--workers`` processes, from the local folder and
   from S3 (a moto server subprocess on loopback, reached through AWS_ENDPOINT_URL);
 - a Fus-MAE training step (DeviceAugment + forward + backward + AdamW) on a loader batch,
 
@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from common import hardware, moto_server, print_header, write_json  # noqa: E402
-from launch.augment import DeviceAugment  # noqa: E402
-from launch.loader import ShardLoader, load_manifest  # noqa: E402
+from launch.data.augment import DeviceAugment  # noqa: E402
+from launch.data.loader import LoaderSettings, ShardLoader  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 from model import FusMAE, FusMAEConfig  # noqa: E402
 from pipeline.shards import decode_npy, iter_tar_samples  # noqa: E402
 
@@ -144,9 +145,10 @@ class MotoS3:
 
 def train_step_rate(manifest_url: str, args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
-    loader = ShardLoader(manifest_url, micro_batch_size=args.mb, num_workers=0, seed=0)
+    manifest = load_manifest(manifest_url)
+    loader = ShardLoader(manifest, LoaderSettings(num_workers=0), micro_batch_size=args.mb, seed=0)
     batch = next(iter(loader))
-    augment = DeviceAugment(loader.manifest, args.image_size).to(device)
+    augment = DeviceAugment.for_manifest(manifest, args.image_size).to(device)
     cfg = FusMAEConfig.preset(args.model, img_size=args.image_size, s2_channels=loader.manifest.shape("s2")[0])
     torch.manual_seed(0)
     net = FusMAE(cfg).to(device).train()
@@ -201,14 +203,15 @@ def main() -> None:
                                                                         args.seconds), "workers": 1}
         rows["source: shard tar + np.load, 1 process"] = {**timed(forever(lambda: tar_samples(manifest_url)),
                                                                   args.seconds), "workers": 1}
-        kw = dict(micro_batch_size=args.mb, num_workers=args.workers, seed=0, shuffle_buffer=args.shuffle_buffer)
-        loader = ShardLoader(manifest_url, **kw)
+        settings = LoaderSettings(num_workers=args.workers, shuffle_buffer=args.shuffle_buffer)
+        kw = dict(micro_batch_size=args.mb, seed=0)
+        loader = ShardLoader(manifest, settings, **kw)
         rows[f"ShardLoader, local shards, {args.workers} workers"] = {
             **timed(loader_samples(loader), args.seconds, warmup=2 * max(1, args.workers)), "workers": args.workers}
         if not args.no_s3:
             with MotoS3() as s3:
                 s3_url = s3.upload(Path(manifest_url).parent)
-                loader = ShardLoader(s3_url, **kw)
+                loader = ShardLoader(load_manifest(s3_url), settings, **kw)
                 rows[f"ShardLoader, S3 (moto on loopback), {args.workers} workers"] = {
                     **timed(loader_samples(loader), args.seconds, warmup=2 * max(1, args.workers)),
                     "workers": args.workers}

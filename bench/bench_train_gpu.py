@@ -8,7 +8,7 @@ autocast, gradient clipping, fused AdamW. The two variants' steps are interleave
 that both see the same clocks and temperature.
 
 MFU = samples/s x training FLOPs per sample (``model.flops.estimate_flops_per_sample``,
-matmuls only, 3x forward) / the GPU's dense bf16 peak (``launch.metrics.PEAK_BF16_FLOPS``,
+matmuls only, 3x forward) / the GPU's dense bf16 peak (``launch.training.metrics.PEAK_BF16_FLOPS``,
 or ``--peak-tflops``).
 
 Without a GPU it prints "no GPU: skipped" and exits 0 (with --json, writes {"skipped": ...}).
@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense bf16 peak of the GPU, TFLOP/s (default: launch.metrics.PEAK_BF16_FLOPS)")
+                        help="dense bf16 peak of the GPU, TFLOP/s (default: launch.training.metrics.PEAK_BF16_FLOPS)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -55,7 +55,7 @@ def main() -> int:
         return 0
 
     from launch.config import load_config
-    from launch.metrics import peak_flops
+    from launch.training.metrics import peak_flops
     from model import FusMAE
     from model.flops import estimate_flops_per_sample
 

@@ -11,24 +11,19 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from launch import local_s3  # noqa: E402
+from launch.demo import launchers, local_s3  # noqa: E402
+from launch.demo.launchers import run_to_log, training_env  # noqa: E402,F401  (the scripts import them from here)
 
-# Credentials for the moto server: any values do, since it checks none. Shared by the
-# scripts that start one (the tests use their own, tests/conftest.py).
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "bench-access-key",
-    "AWS_SECRET_ACCESS_KEY": "bench-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+# Credentials for the moto server (it checks none): the project's loopback ones.
+S3_ENV = dict(local_s3.LOOPBACK_CREDENTIALS)
 
 MB = 1e6
 """Decimal megabyte: sizes in the reports are 10^6 bytes."""
@@ -123,13 +118,13 @@ def write_json(path: Optional[Path], data: dict[str, Any], indent: int = 2) -> N
 
 
 # -- S3 on loopback -----------------------------------------------------------------------------
-# The project's own local endpoint (launch/local_s3.py), with the benchmarks' credentials.
+# The project's own local endpoint (launch/demo/local_s3.py).
 
 free_port = local_s3.free_port
 
 
 def moto_server(log_path: Optional[Path] = None, set_env: bool = False):
-    """A moto S3 server process on loopback for a ``with`` block; yields its URL (see launch/local_s3.py)."""
+    """A moto S3 server process on loopback for a ``with`` block; yields its URL (see launch/demo/local_s3.py)."""
     return local_s3.server(log_path, credentials=S3_ENV, set_env=set_env)
 
 
@@ -144,33 +139,7 @@ def s3_bucket(endpoint: str, prefix: str = "bench") -> str:
 def deepspeed_command(ranks: int, script: Path, config: Path, overrides: Sequence[str],
                       script_args: Sequence[str] = ()) -> list[str]:
     """``deepspeed --num_gpus N script [script_args] --config config overrides...`` through this interpreter."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(free_port()), str(script), *script_args, "--config", str(config), *overrides]
-
-
-def run_to_log(cmd: Sequence[str], log_path: Path, timeout: float, env: Optional[dict[str, str]] = None,
-               started: Optional[Callable[[], None]] = None) -> Union[int, str]:
-    """Run ``cmd`` from the repository root with its output in ``log_path``; its exit status, or
-    "timed out". A file, not a pipe: grandchildren (loader workers) could hold a pipe open. Its own
-    process group, so that on a timeout the ranks it launched are killed with it."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        if started is not None:
-            started()
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return f"timed out after {timeout:.0f} s"
-
-
-def training_env(**extra: str) -> dict[str, str]:
-    """The environment for a training subprocess: unbuffered, one cache for DeepSpeed's JIT-built ops."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return env
+    return launchers.deepspeed_command(ranks, script, [*script_args, "--config", str(config), *overrides])
 
 
 def make_shards(work: Path, locations: int, size: int) -> Path:

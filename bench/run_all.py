@@ -94,6 +94,11 @@ def _train_gpu(r: dict[str, Any]) -> list[Headline]:
             ("MFU, SDPA (ViT-B recipe)", "–" if mfu is None else f"{100 * mfu:.1f}%")]
 
 
+def _label_subset(r: dict[str, Any]) -> list[Headline]:
+    return [(f"linear probe at label_fraction={r['setup']['fraction']}: bytes read / training split",
+             f"{r['small_over_split']:.4f}")]
+
+
 @dataclass
 class Bench:
     script: str
@@ -111,6 +116,7 @@ BENCHES: dict[str, Bench] = {
     "preprocess": Bench("bench_preprocess.py", _preprocess, quick=["--samples", "64"]),
     "checkpoint": Bench("bench_checkpoint.py", _checkpoint, quick=["--size", "tiny", "--steps", "12", "--every", "4"]),
     "zero_memory": Bench("bench_zero_memory.py", _zero_memory, quick=["--size", "tiny", "--steps", "2"]),
+    "label_subset": Bench("bench_label_subset.py", _label_subset, quick=["--patches", "200", "--fraction", "0.05"]),
     "train_gpu": Bench("bench_train_gpu.py", _train_gpu, quick=["--steps", "3", "--warmup", "1", "--batch-size", "8"]),
 }
 

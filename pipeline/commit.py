@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from pipeline.index import index_table, write_index
 from pipeline.job import QUARANTINE, STAGING_PREFIX, PreprocessError, PreprocessSettings
 from pipeline.manifest import MANIFEST, Manifest, ManifestError, read_committed
 from pipeline.plan import SplitPlan
@@ -78,6 +79,8 @@ def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[in
                               f"{n_written} written, {len(rejections)} quarantined")
     quarantine = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejections).encode()
     write_bytes_atomic(fs, f"{root}/{QUARANTINE}", quarantine)
+    table = index_table(published)
+    index = write_index(fs, root, table) if table is not None and published else None
 
     manifest = Manifest.build(
         split=plan.split, source=source.describe(), settings=plan.content, job_fingerprint=plan.job_fingerprint,
@@ -88,6 +91,7 @@ def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[in
         # Everything outside `run` is deterministic; `run` describes this particular execution.
         run={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": redact_argv(sys.argv),
              "workers": settings.workers, "seconds": round(time.time() - plan.started, 3)},
+        index=index,
     )
     manifest.write(out_url, settings.storage_options)
     if settings.overwrite:  # shards of an older, different plan that this one did not rewrite

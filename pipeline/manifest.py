@@ -16,6 +16,7 @@ Fields (JSON keys as written)::
     modalities          s1 / s2: bands (in order), dtype, units, nodata, member, layout
     stats               s1 / s2: per-band mean and population std over valid pixels
     run                 this execution only (time, argv, workers, seconds): the one part that varies
+    index               the sample index file beside it (name, bytes, sha256; see `pipeline.index`), if any
 
 A loader state and a feature cache are valid for one *shard list*:
 `Manifest.fingerprint` hashes names, sample counts, bytes and sha256 of the
@@ -80,6 +81,8 @@ class Manifest:
     job_fingerprint: str = ""
     """sha256 of the content settings: a rerun with the same settings finds its own set."""
     run: dict[str, Any] = field(default_factory=dict)
+    index: Optional[dict[str, Any]] = None
+    """The sample index beside the manifest ({name, bytes, sha256}; `pipeline.index`), None when it has none."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Top-level fields this version does not interpret, kept so that a rewrite loses nothing."""
 
@@ -118,7 +121,7 @@ class Manifest:
     def build(cls, *, split: str, source: dict[str, Any], settings: dict[str, Any], job_fingerprint: str,
               shards: Sequence[dict[str, Any]], input_samples: int, quarantined: int,
               image_size: Sequence[int], modalities: dict[str, dict[str, Any]], stats: dict[str, Any],
-              run: Optional[dict[str, Any]] = None) -> "Manifest":
+              run: Optional[dict[str, Any]] = None, index: Optional[dict[str, Any]] = None) -> "Manifest":
         """The manifest of a finished job: ``shards`` are the published shard records (name, samples,
         bytes, sha256), in order; totals are derived from them."""
         infos = tuple(ShardInfo(s["name"], s["name"], int(s["samples"]), int(s["bytes"]), s["sha256"])
@@ -127,7 +130,8 @@ class Manifest:
                   "bytes": sum(s.bytes for s in infos), "input_samples": int(input_samples),
                   "quarantined": int(quarantined)}
         size = tuple(int(v) for v in image_size) if image_size else (0, 0)
-        return cls("", split, infos, size, modalities, stats, source, settings, totals, job_fingerprint, run or {})
+        return cls("", split, infos, size, modalities, stats, source, settings, totals, job_fingerprint, run or {},
+                   index)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body; everything but ``run`` is a deterministic function of the job's content."""
@@ -149,6 +153,7 @@ class Manifest:
             "modalities": self.modalities,
             "stats": self.stats,
             "run": self.run,
+            **({"index": self.index} if self.index else {}),
         }
 
     def to_json(self) -> bytes:
@@ -186,11 +191,11 @@ class Manifest:
         if not shards:
             raise ManifestError(f"{shown}: the manifest lists no samples")
         known = {"format", "format_version", "fingerprint", "split", "source", "settings", "shards", "totals",
-                 "quarantined", "image_size", "modalities", "stats", "run"}
+                 "quarantined", "image_size", "modalities", "stats", "run", "index"}
         extra = {k: v for k, v in raw.items() if k not in known}
         return cls(url, str(raw.get("split", "")), shards, image_size, modalities, stats,
                    dict(raw.get("source") or {}), dict(raw.get("settings") or {}), dict(raw.get("totals") or {}),
-                   str(raw.get("fingerprint", "")), dict(raw.get("run") or {}), extra)
+                   str(raw.get("fingerprint", "")), dict(raw.get("run") or {}), raw.get("index"), extra)
 
 
 def load_manifest(url: str, storage_options: Optional[dict[str, Any]] = None) -> Manifest:

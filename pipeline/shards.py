@@ -153,6 +153,8 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.GNU_FORMAT)
         self.samples = 0
         self.keys: set[str] = set()
+        self.rows: list[tuple[str, int, Optional[list[int]]]] = []
+        """(key, byte offset of its first header, label_vector or None) of every sample, in write order."""
         self.sha256: Optional[str] = None
         self.bytes = 0
 
@@ -162,6 +164,8 @@ class ShardWriter:
         if sample.key in self.keys:
             raise ValueError(f"duplicate sample key {sample.key!r} in {self.path}")
         self.keys.add(sample.key)
+        labels = sample.meta.get("label_vector")
+        self.rows.append((sample.key, self._hash.bytes, None if labels is None else [int(v) for v in labels]))
         n = 0
         for name, data in sample.members():
             info = tarfile.TarInfo(name)

@@ -102,6 +102,7 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
         "bytes": writer.bytes if writer.samples else 0,
         "sha256": writer.sha256 if writer.samples else None,
         "keys": sorted(writer.keys),
+        "rows": writer.rows,  # (key, offset, label_vector) in write order: the sample index (pipeline.index)
         "dtypes": tally.dtypes,
         "shape": tally.shape,
         "stats": {"s1": tally.s1.to_dict(), "s2": tally.s2.to_dict()},

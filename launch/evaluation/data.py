@@ -38,6 +38,7 @@ from launch.data.loader import LoaderSettings, PassLoader, ShardLoader
 from launch.data.reader import Selection
 from launch.distributed import Runtime
 from launch.evaluation.subset import TrainSubset
+from pipeline.index import read_index
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.sources.bigearthnet import BIGEARTHNET_19_CLASSES
 from pipeline.storage import put_atomic, read_bytes, redact_url, url_to_fs
@@ -184,8 +185,16 @@ class EvalData:
                            [pos[i] for i in order])
 
     def train_index(self, cache: "SplitCache") -> SplitOutput:
-        """Keys, labels and positions of every training sample (a metadata pass, cached), on every rank."""
+        """Keys, labels and positions of every training sample, on every rank: from the shard set's sample index
+        (`pipeline.index`: one small file, no shard bytes read) when it has one with labels, else from a
+        metadata pass over the shards (tar headers and json members; cached)."""
         m = self.manifests["train"]
+        index = self.rt.on_main(lambda: read_index(m, self.cfg.data.storage_options))
+        if index is not None and index.labels is not None:
+            if self.rt.is_main:
+                print(f"training label index: {m.shown} has a sample index ({len(index.keys)} samples)", flush=True)
+            return self._sorted("train", [(index.keys, index.labels, np.zeros((len(index.keys), 0), np.float32),
+                                           index.positions)])
         key = cache.key(kind="labels", version=CACHE_VERSION, manifest=m.fingerprint)
         out = cache.get_or_make("labels", key, lambda: self.run("train", None, "labels train"),
                                 "training label index", note="reused from")

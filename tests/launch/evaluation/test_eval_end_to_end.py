@@ -144,7 +144,7 @@ def test_linear_probe_is_deterministic_and_reuses_cached_features(ben, zero2, tm
                           f"eval.feature_cache_dir={shared}"), memory=MemoryCache())
     out = capsys.readouterr().out
     assert out.count("cached in") == 3  # train, val, test from the shared folder
-    assert "training label index: reused from" in out  # and the metadata pass too
+    assert "has a sample index" in out  # the labels come from the shard set's index.parquet, no metadata pass
     assert len(list(shared.glob("features-*.pt"))) == 3
     for key in ("map_macro", "map_micro", "f1", "f1_macro", "per_class_ap"):
         assert a[key] == b[key]
@@ -308,10 +308,12 @@ def _corrupt_images_outside(train_manifest: str, keep: set[str]) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["linear", "finetune"])
-def test_only_the_selected_training_samples_are_read(ben, tmp_path, caplog, protocol):
+@pytest.mark.parametrize("protocol,sample_index", [("linear", True), ("finetune", True), ("linear", False)])
+def test_only_the_selected_training_samples_are_read(ben, tmp_path, caplog, capsys, protocol, sample_index):
     """The training split's image bytes outside the label subset are garbage: a whole-split read would
-    skip the shard (losing samples, changing the results, warning); a read by key does not notice."""
+    skip the shard (losing samples, changing the results, warning); a read by key does not notice.
+    Without the shard set's sample index (sets written before it existed) the labels and positions come
+    from a metadata pass over the tar headers and json members instead."""
     from launch.data.loader import LoaderSettings, PassLoader
     from pipeline.manifest import load_manifest
 
@@ -321,6 +323,11 @@ def test_only_the_selected_training_samples_are_read(ben, tmp_path, caplog, prot
     copy = tmp_path / "train"
     shutil.copytree(Path(ben["train"]).parent, copy)
     assert _corrupt_images_outside(str(copy / "manifest.json"), keep) == 15
+    if not sample_index:
+        body = json.loads((copy / "manifest.json").read_text())
+        assert body.pop("index")["name"] == "index.parquet"
+        (copy / "index.parquet").unlink()
+        (copy / "manifest.json").write_text(json.dumps(body))
     whole = PassLoader(load_manifest(str(copy / "manifest.json")), LoaderSettings(num_workers=0), batch_size=4)
     with caplog.at_level(logging.WARNING):
         read = sum(len(b["keys"]) for b in whole)
@@ -334,10 +341,12 @@ def test_only_the_selected_training_samples_are_read(ben, tmp_path, caplog, prot
     clean = evaluate(load_eval_config(DEBUG_LINEAR, [*data_overrides(ben), f"run.dir={tmp_path / 'clean'}", *args]),
                      memory=MemoryCache())
     caplog.clear()
+    capsys.readouterr()
     with caplog.at_level(logging.WARNING):
         dirty = evaluate(load_eval_config(DEBUG_LINEAR, [*data_overrides({**ben, "train": str(copy / "manifest.json")}),
                                                          f"run.dir={tmp_path / 'dirty'}", *args]), memory=MemoryCache())
     assert not [r for r in caplog.records if "skipping shard" in r.getMessage()]
+    assert ("has a sample index" in capsys.readouterr().out) == sample_index
     assert dirty["settings"]["train_subset"]["keys_sha256"] == keys_digest(sorted(keep))
     assert dirty["history"] == clean["history"]
     for key in ("map_macro", "map_micro", "f1", "f1_macro", "per_class_ap"):
