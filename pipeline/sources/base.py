@@ -33,6 +33,8 @@ NON_FINITE = "non_finite"
 ALL_NODATA = "all_nodata"
 MISALIGNED = "misaligned"
 BAD_LABELS = "bad_labels"
+TEMPORAL_MISMATCH = "temporal_mismatch"
+"""S1 and S2 acquisitions paired by date lie more than ``max_pair_gap_days`` apart."""
 
 
 @dataclass
@@ -74,6 +76,8 @@ class SourceOptions:
     max_nonfinite_fraction: float = 0.0
     """A sample with more non-finite pixels than this fraction (per modality) is quarantined."""
     storage_options: dict[str, Any] = field(default_factory=dict)
+    max_pair_gap_days: float = 45.0
+    """Sources that pair S1 and S2 acquisitions by date quarantine pairs further apart than this (days)."""
 
 
 Result = Union[Sample, Rejection]
@@ -113,12 +117,15 @@ class Source(ABC):
         """Yield one Sample or Rejection per item, in the order of ``items``."""
 
     @property
-    @abstractmethod
-    def s1_bands(self) -> tuple[str, ...]: ...
+    def s1_bands(self) -> tuple[str, ...]:
+        """S1 band names in stored order (VV, VH for every release read so far)."""
+        return S1_BANDS
 
     @property
-    @abstractmethod
-    def s2_bands(self) -> tuple[str, ...]: ...
+    def s2_bands(self) -> tuple[str, ...]:
+        """S2 band names in stored order: the product ``--s2-product`` asks for (a source with one product
+        overrides this)."""
+        return S2_L1C_BANDS if self.options.s2_product == "L1C" else S2_L2A_BANDS
 
     def describe(self) -> dict[str, Any]:
         """Source facts recorded in the manifest."""
@@ -184,3 +191,55 @@ def date_from_name(name: str) -> Optional[str]:
         return None
     s = m.group(1)
     return f"{s[0:4]}-{s[4:6]}-{s[6:8]}T{s[9:11]}:{s[11:13]}:{s[13:15]}Z"
+
+
+def iso_seconds(iso: str) -> np.datetime64:
+    """An ISO 8601 UTC time ('2020-05-10T17:40:31Z') as datetime64[s]."""
+    return np.datetime64(iso.rstrip("Z"), "s")
+
+
+def gap_days(a: Optional[str], b: Optional[str]) -> Optional[float]:
+    """|a - b| in days (4 decimals) of two ISO 8601 UTC times; None if either is unknown."""
+    if a is None or b is None:
+        return None
+    seconds = abs(int((iso_seconds(a) - iso_seconds(b)) / np.timedelta64(1, "s")))
+    return round(seconds / 86400.0, 4)
+
+
+@dataclass(frozen=True)
+class DatePair:
+    """One S1/S2 pairing of a location's acquisitions (see `pair_by_date`)."""
+
+    rank: int
+    """Date rank of the pair (0 = earliest): the sample's time index."""
+    s1: Optional[int]
+    """Index of the S1 acquisition as stored, None when S2 has more acquisitions than S1."""
+    s2: Optional[int]
+    """Index of the S2 acquisition as stored, None when S1 has more acquisitions than S2."""
+    gap_days: Optional[float]
+    """|t(S1) - t(S2)| in days, None when either is undated."""
+
+
+def pair_by_date(s1_times: Sequence[Optional[str]], s2_times: Sequence[Optional[str]]) -> list[DatePair]:
+    """Pair a location's S1 and S2 acquisitions (ISO times, in stored order) by acquisition date.
+
+    The k-th S1 in date order goes with the k-th S2 in date order: for two sequences of equal
+    length this is the one-to-one pairing with the least total gap (matching sorted to sorted
+    minimises the sum of absolute differences), and it never depends on the stored order.
+    When any time is unknown, acquisitions are paired in stored order. Surplus acquisitions of
+    either modality come last, paired with None.
+    """
+    dated = all(t is not None for t in (*s1_times, *s2_times))
+
+    def order(times: Sequence[Optional[str]]) -> list[int]:
+        idx = list(range(len(times)))
+        return sorted(idx, key=lambda i: (times[i], i)) if dated else idx
+
+    o1, o2 = order(s1_times), order(s2_times)
+    pairs = []
+    for k in range(max(len(o1), len(o2))):
+        i1 = o1[k] if k < len(o1) else None
+        i2 = o2[k] if k < len(o2) else None
+        gap = gap_days(s1_times[i1], s2_times[i2]) if i1 is not None and i2 is not None else None
+        pairs.append(DatePair(k, i1, i2, gap))
+    return pairs

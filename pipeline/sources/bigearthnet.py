@@ -2,12 +2,13 @@
 
 Layout::
 
-    BigEarthNet-S2/<tile>/<patch_id>/<patch_id>_{B01..B12,B8A}.tif   uint16, 12 L2A bands, 120/60/20 px
+    BigEarthNet-S2/<tile>/<patch_id>/<patch_id>_{B01..B12,B8A}.tif   uint16, 12 L2A bands, 120/60/20 px (10/20/60 m)
     BigEarthNet-S1/<s1 tile>/<s1_name>/<s1_name>_{VV,VH}.tif          float32, dB, 120 px
     metadata.parquet                                                   patch_id, s1_name, split, labels, ...
 
 Labels are mapped to the standard 19-class nomenclature (Sumbul et al. 2021);
-the older 43-class CORINE names are accepted and mapped as well.
+the older 43-class CORINE names are accepted and mapped with the official table.
+Bands reach the 10 m grid through their georeferencing (`pipeline.sources.geotiff`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipeline.sources.base import (
     WorkItem,
     date_from_name,
 )
-from pipeline.sources.geotiff import PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
+from pipeline.sources.geotiff import RESAMPLING, PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
 
 BIGEARTHNET_19_CLASSES = (
     "Urban fabric",
@@ -52,8 +53,11 @@ BIGEARTHNET_19_CLASSES = (
     "Marine waters",
 )
 
-# CORINE level-3 names of BigEarthNet v1 (43 classes) → the 19-class nomenclature.
-# None: classes the 19-class nomenclature drops (too rare or not visible at 10 m).
+# CORINE level-3 names of BigEarthNet v1 (43 classes) → the 19-class nomenclature, as in the
+# official conversion table (label_indices.json of git.tu-berlin.de/rsim/BigEarthNet-S2_19-classes_models,
+# reproduced as `label_converter` in torchgeo's torchgeo/datasets/bigearthnet.py, commit 029863d).
+# None: classes the 19-class nomenclature drops (too rare or not visible at 10 m). "Intertidal
+# flats" is one of them: only "Salt marshes" and "Salines" become "Coastal wetlands".
 CORINE_43_TO_19: dict[str, Optional[str]] = {
     "Continuous urban fabric": "Urban fabric",
     "Discontinuous urban fabric": "Urban fabric",
@@ -93,7 +97,7 @@ CORINE_43_TO_19: dict[str, Optional[str]] = {
     "Peatbogs": "Inland wetlands",
     "Salt marshes": "Coastal wetlands",
     "Salines": "Coastal wetlands",
-    "Intertidal flats": "Coastal wetlands",
+    "Intertidal flats": None,
     "Water courses": "Inland waters",
     "Water bodies": "Inland waters",
     "Coastal lagoons": "Marine waters",
@@ -139,10 +143,6 @@ SPLITS = ("train", "validation", "test")
 class BigEarthNet(Source):
     name = "bigearthnet"
     version = "BigEarthNet v2.0 (reBEN)"
-
-    @property
-    def s1_bands(self) -> tuple[str, ...]:
-        return S1_BANDS
 
     @property
     def s2_bands(self) -> tuple[str, ...]:
@@ -259,5 +259,5 @@ class BigEarthNet(Source):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(s2_product="L2A", s2_offset="none in this release", label_classes=list(BIGEARTHNET_19_CLASSES),
-                 resampling="nearest-neighbour repeat of 20 m and 60 m bands onto the 10 m grid")
+                 resampling=RESAMPLING)
         return d

@@ -1,9 +1,18 @@
-"""Reading single-band GeoTIFF files through fsspec, and footprint comparison.
+"""Reading GeoTIFF files through fsspec, footprint comparison, and sampling onto the 10 m grid.
 
 Files are fetched as bytes through the source's fsspec filesystem (one
 concurrent ``cat`` for all bands of a sample on object stores) and decoded by
 rasterio from memory, so S3 credentials follow the same chain as every other
 access of the project.
+
+Every band reaches the 10 m grid of the reference band (B2) the same way: its value
+at each 10 m pixel centre, taken from the band pixel that contains that centre, found
+through the band's own geotransform (nearest neighbour: exact values, no
+interpolation). For a 20 m or 60 m grid that shares the 10 m grid's corner this is
+each pixel repeated 2 x 2 or 6 x 6 times; for a grid offset by a fraction of its pixel,
+or one pixel larger, it follows the georeferencing instead of the top-left corner. A
+band is only refused when its footprint differs from the reference's by a whole pixel
+of its own resolution or more.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.io import MemoryFile
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
@@ -23,36 +33,52 @@ from pipeline.sources.base import (
     UNREADABLE,
     WRONG_BAND_COUNT,
     WRONG_SHAPE,
-    upsample_nearest,
 )
 from pipeline.storage import retrying
+
+RESAMPLING = ("nearest neighbour at the 10 m pixel centres of the B2 grid, through each band's own geotransform "
+              "(exact values; 20 m / 60 m bands sharing the grid's corner are their pixels repeated 2x2 / 6x6); "
+              "a band whose footprint is off by a whole pixel of its resolution or more is quarantined (wrong_shape)")
+"""How bands reach the 10 m grid, as recorded in the manifests of the GeoTIFF sources."""
 
 
 @dataclass
 class Raster:
-    data: np.ndarray  # (h, w) in the file's dtype
+    data: np.ndarray  # (h, w) in the file's dtype; (bands, h, w) from `decode_stack`
     crs: Optional[str]
     bounds: tuple[float, float, float, float]  # left, bottom, right, top in `crs` units
     res: tuple[float, float]
     nodata: Optional[float]
+    transform: Optional[Affine] = None
+    """Pixel (col, row) -> map (x, y) of the file's grid."""
 
 
 class RasterError(Exception):
-    """A file that cannot be decoded as a single-band GeoTIFF (corrupt, truncated, empty)."""
+    """A file that cannot be decoded as a GeoTIFF (corrupt, truncated, empty)."""
 
 
-def decode(data: bytes, name: str) -> Raster:
+def _decode(data: bytes, name: str, stack: bool) -> Raster:
     try:
         with MemoryFile(data) as mem, mem.open() as ds:
             if ds.count < 1:
                 raise RasterError(f"{name}: no band")
-            arr = ds.read(1)
+            arr = ds.read() if stack else ds.read(1)
             crs = ds.crs.to_string() if ds.crs else None
-            return Raster(arr, crs, tuple(ds.bounds), tuple(ds.res), ds.nodata)
+            return Raster(arr, crs, tuple(ds.bounds), tuple(ds.res), ds.nodata, ds.transform)
     except RasterError:
         raise
     except Exception as err:  # rasterio raises several error classes for corrupt files
         raise RasterError(f"{name}: {type(err).__name__}: {err}") from err
+
+
+def decode(data: bytes, name: str) -> Raster:
+    """The first band of a GeoTIFF: ``data`` (h, w)."""
+    return _decode(data, name, stack=False)
+
+
+def decode_stack(data: bytes, name: str) -> Raster:
+    """Every band of a multi-band GeoTIFF: ``data`` (bands, h, w), in file order."""
+    return _decode(data, name, stack=True)
 
 
 def fetch(fs, paths: Sequence[str]) -> dict[str, bytes]:
@@ -91,6 +117,37 @@ def center_lonlat(r: Raster) -> tuple[Optional[float], Optional[float]]:
     return round(float(lons[0]), 7), round(float(lats[0]), 7)
 
 
+def same_grid(a: Raster, b: Raster) -> bool:
+    """True when ``a`` has exactly ``b``'s pixel grid (size, CRS, geotransform to a micrometre)."""
+    return (a.data.shape[-2:] == b.data.shape[-2:] and a.crs == b.crs and a.transform is not None
+            and b.transform is not None and a.transform.almost_equals(b.transform, precision=1e-6))
+
+
+def sample_onto(src: Raster, grid: Raster) -> np.ndarray:
+    """``src`` on ``grid``'s pixel grid by nearest neighbour: (..., H, W) in ``src``'s dtype.
+
+    Each pixel centre of ``grid`` is mapped to map coordinates, then through the inverse
+    of ``src``'s geotransform to the ``src`` pixel containing it (clipped to the edge for
+    centres within the footprint tolerance outside it). Returns ``src.data`` itself when
+    the grids are the same.
+    """
+    if same_grid(src, grid):
+        return src.data
+    h, w = grid.data.shape[-2:]
+    cols, rows = np.arange(w) + 0.5, np.arange(h) + 0.5
+    g = grid.transform
+    x = g.a * cols[None, :] + g.b * rows[:, None] + g.c  # (H, W) map coordinates
+    y = g.d * cols[None, :] + g.e * rows[:, None] + g.f
+    if src.crs and grid.crs and src.crs != grid.crs:
+        xs, ys = warp_transform(grid.crs, src.crs, x.ravel(), y.ravel())
+        x, y = np.reshape(xs, (h, w)), np.reshape(ys, (h, w))
+    inv = ~src.transform
+    col = np.floor(inv.a * x + inv.b * y + inv.c).astype(np.int64)
+    row = np.floor(inv.d * x + inv.e * y + inv.f).astype(np.int64)
+    sh, sw = src.data.shape[-2:]
+    return src.data[..., np.clip(row, 0, sh - 1), np.clip(col, 0, sw - 1)]
+
+
 @dataclass
 class PairFailure:
     """Why a pair of band sets cannot become a sample: the file to blame, a quarantine reason, details."""
@@ -102,11 +159,13 @@ class PairFailure:
 
 def read_pair(fs, s1_paths: Sequence[str], s2_paths: Sequence[str], s2_bands: Sequence[str],
               ref_band: str = "B2") -> "tuple[np.ndarray, np.ndarray, Raster] | PairFailure":
-    """Read one S1/S2 pair of single-band GeoTIFFs onto the 10 m grid.
+    """Read one S1/S2 pair of single-band GeoTIFFs onto the 10 m grid of ``ref_band``.
 
     Returns (s1 (2, H, W), s2 (C, H, W), the 10 m reference raster) or the reason it failed:
-    a missing band file, an undecodable file, a band whose size does not fit its resolution,
-    an S1 grid unlike the S2 grid, or footprints more than one 10 m pixel apart (misaligned).
+    a missing band file, an undecodable file, an S2 band whose footprint is off the
+    reference's by a whole pixel of its resolution or more (wrong_shape), or an S1 footprint
+    more than one 10 m pixel off (misaligned). Bands on another pixel grid with the same
+    footprint are sampled onto the 10 m grid (`sample_onto`).
     """
     try:
         raw = fetch(fs, list(s1_paths) + list(s2_paths))
@@ -121,22 +180,18 @@ def read_pair(fs, s1_paths: Sequence[str], s2_paths: Sequence[str], s2_bands: Se
         except RasterError as err:
             return PairFailure(path, UNREADABLE, str(err))
     ref = rasters[s2_paths[list(s2_bands).index(ref_band)]]
-    h, w = ref.data.shape
     bands = []
     for band, path in zip(s2_bands, s2_paths):
-        factor = S2_RESOLUTION_M[band] // 10
-        arr = rasters[path].data
-        if arr.shape != (h // factor, w // factor) or h % factor or w % factor:
-            return PairFailure(path, WRONG_SHAPE, f"{band} is {arr.shape}, expected {(h // factor, w // factor)} "
-                                                  f"for a {S2_RESOLUTION_M[band]} m band on a {h}x{w} 10 m grid")
-        bands.append(upsample_nearest(arr, factor))
-    for path in s1_paths:
-        if rasters[path].data.shape != (h, w):
-            return PairFailure(path, WRONG_SHAPE, f"S1 {path.rsplit('/', 1)[-1]} is {rasters[path].data.shape}, "
-                                                  f"S2 grid is {(h, w)}")
-    offset = footprint_offset_m(rasters[s1_paths[0]], ref)
+        r, res = rasters[path], S2_RESOLUTION_M[band]
+        offset = footprint_offset_m(r, ref)
+        if offset >= res * (1 - 1e-9):
+            return PairFailure(path, WRONG_SHAPE, f"{band} ({r.data.shape[0]}x{r.data.shape[1]} px) covers a footprint "
+                                                  f"{offset:.1f} m off {ref_band}'s (>= one {res} m pixel)")
+        bands.append(sample_onto(r, ref))
     pixel = abs(ref.res[0])
-    if offset > pixel:
-        return PairFailure(s1_paths[0].rsplit("/", 1)[0], MISALIGNED,
-                           f"S1 and S2 footprints differ by {offset:.1f} m (> one {pixel:g} m pixel)")
-    return np.stack([rasters[p].data for p in s1_paths]), np.stack(bands), ref
+    for path in s1_paths:
+        offset = footprint_offset_m(rasters[path], ref)
+        if offset > pixel:
+            return PairFailure(path.rsplit("/", 1)[0], MISALIGNED,
+                               f"S1 and S2 footprints differ by {offset:.1f} m (> one {pixel:g} m pixel)")
+    return np.stack([sample_onto(rasters[p], ref) for p in s1_paths]), np.stack(bands), ref

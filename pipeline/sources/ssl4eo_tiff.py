@@ -6,9 +6,12 @@ Layout::
     s2c/<7-digit id>/<S2 product id>/{B1..B12,B8A}.tif       uint16, reflectance × 10000 (L1C)
     s2a/<7-digit id>/<S2 product id>/...                     L2A (12 bands), with --s2-product L2A
 
-Four product folders per modality and location, one per season; the seasons are
-paired in date order (the product ids carry the acquisition date). Bands at
-20 m and 60 m are repeated onto the 10 m grid (nearest neighbour: exact values).
+Four product folders per modality and location, one per season; S1 and S2 are
+paired by acquisition date (the product ids carry it: `pair_by_date`), the pair's
+gap in days is recorded and pairs further apart than ``max_pair_gap_days`` are
+quarantined (temporal_mismatch). The time index is the pair's date rank. Bands at
+20 m and 60 m reach the 10 m grid by nearest neighbour through their georeferencing
+(`pipeline.sources.geotiff`).
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
     S1_BANDS,
-    S2_L1C_BANDS,
-    S2_L2A_BANDS,
+    TEMPORAL_MISMATCH,
     Rejection,
     Result,
     Source,
     WorkItem,
     date_from_name,
+    pair_by_date,
 )
-from pipeline.sources.geotiff import PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
+from pipeline.sources.geotiff import RESAMPLING, PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
 
 # Modality folders as published: S1, and one per S2 processing level.
 S1_DIR = "s1"
@@ -42,14 +45,6 @@ class SSL4EOTiff(Source):
     split_names = ("train",)
 
     @property
-    def s1_bands(self) -> tuple[str, ...]:
-        return S1_BANDS
-
-    @property
-    def s2_bands(self) -> tuple[str, ...]:
-        return S2_L1C_BANDS if self.options.s2_product == "L1C" else S2_L2A_BANDS
-
-    @property
     def s2_dir(self) -> str:
         return S2_DIRS[self.options.s2_product]
 
@@ -57,9 +52,11 @@ class SSL4EOTiff(Source):
         # The GeoTIFF release has no split folders: everything is one split.
         for sub in (S1_DIR, self.s2_dir):
             if not self.fs.exists(f"{self.root}/{sub}"):
-                raise FileNotFoundError(
-                    f"{self.input_url}: no '{sub}/' folder; an SSL4EO-S12 v1 GeoTIFF tree has {S1_DIR}/ and {self.s2_dir}/"
-                )
+                other = {d: level for level, d in S2_DIRS.items() if d != self.s2_dir}
+                found = [d for d in other if self.fs.exists(f"{self.root}/{d}")]
+                hint = f"; found {found[0]}/: pass --s2-product {other[found[0]]}" if sub != S1_DIR and found else ""
+                raise FileNotFoundError(f"{self.input_url}: no '{sub}/' folder; an SSL4EO-S12 v1 GeoTIFF tree has "
+                                        f"{S1_DIR}/ and {self.s2_dir}/{hint}")
         return ["train"]
 
     def _products(self, sub: str) -> dict[str, dict[str, list[str]]]:
@@ -80,24 +77,38 @@ class SSL4EOTiff(Source):
         items: list[WorkItem] = []
         rejects: list[Rejection] = []
         for loc in sorted(set(s1) | set(s2)):
-            p1 = sorted(s1.get(loc, {}), key=lambda p: (date_from_name(p) or "", p))
-            p2 = sorted(s2.get(loc, {}), key=lambda p: (date_from_name(p) or "", p))
-            for t in range(max(len(p1), len(p2))):
-                key = make_key(loc, f"t{t}")
-                if t >= len(p1) or t >= len(p2):
-                    have = f"{S1_DIR}/{loc}/{p1[t]}" if t < len(p1) else f"{self.s2_dir}/{loc}/{p2[t]}"
-                    missing = "S2" if t < len(p1) else "S1"
-                    rejects.append(Rejection(self.url(f"{self.root}/{have}"), loc, MISSING_PARTNER,
-                                             f"no {missing} product for season {t}", key, t))
-                    continue
-                items.append(WorkItem(key, loc, t, {
-                    "s1_dir": f"{self.root}/{S1_DIR}/{loc}/{p1[t]}",
-                    "s2_dir": f"{self.root}/{self.s2_dir}/{loc}/{p2[t]}",
-                    "s1_product": p1[t], "s2_product": p2[t],
-                }, 0))
+            its, rej = self._location(loc, sorted(s1.get(loc, {})), sorted(s2.get(loc, {})))
+            items.extend(its)
+            rejects.extend(rej)
         est = self._estimate_bytes(items)
         for it in items:
             it.est_bytes = est
+        return items, rejects
+
+    def _location(self, loc: str, p1: list[str], p2: list[str]) -> tuple[list[WorkItem], list[Rejection]]:
+        """The pairs of one location: its S1 and S2 products paired by acquisition date."""
+        items: list[WorkItem] = []
+        rejects: list[Rejection] = []
+        limit = self.options.max_pair_gap_days
+        for pair in pair_by_date([date_from_name(p) for p in p1], [date_from_name(p) for p in p2]):
+            key = make_key(loc, f"t{pair.rank}")
+            if pair.s1 is None or pair.s2 is None:
+                have = f"{S1_DIR}/{loc}/{p1[pair.s1]}" if pair.s2 is None else f"{self.s2_dir}/{loc}/{p2[pair.s2]}"
+                missing = "S2" if pair.s2 is None else "S1"
+                rejects.append(Rejection(self.url(f"{self.root}/{have}"), loc, MISSING_PARTNER,
+                                         f"no {missing} product for acquisition {pair.rank} in date order", key, pair.rank))
+                continue
+            prod1, prod2 = p1[pair.s1], p2[pair.s2]
+            if pair.gap_days is not None and pair.gap_days > limit:
+                rejects.append(Rejection(self.url(f"{self.root}/{S1_DIR}/{loc}/{prod1}"), loc, TEMPORAL_MISMATCH,
+                                         f"S1 {prod1} is {pair.gap_days:g} days from S2 {prod2} "
+                                         f"(limit {limit:g})", key, pair.rank))
+                continue
+            items.append(WorkItem(key, loc, pair.rank, {
+                "s1_dir": f"{self.root}/{S1_DIR}/{loc}/{prod1}",
+                "s2_dir": f"{self.root}/{self.s2_dir}/{loc}/{prod2}",
+                "s1_product": prod1, "s2_product": prod2, "pair_gap_days": pair.gap_days,
+            }, 0))
         return items, rejects
 
     def _estimate_bytes(self, items: Sequence[WorkItem]) -> int:
@@ -143,6 +154,7 @@ class SSL4EOTiff(Source):
             "timestamps": {"s1": date_from_name(it.refs["s1_product"]), "s2": date_from_name(it.refs["s2_product"])},
             "s1_product": it.refs["s1_product"],
             "s2_product": it.refs["s2_product"],
+            "pair_gap_days": it.refs["pair_gap_days"],
             "s1_bands": list(S1_BANDS),
             "s2_bands": list(self.s2_bands),
         }
@@ -150,7 +162,9 @@ class SSL4EOTiff(Source):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(s2_product=self.options.s2_product, s2_offset="none in this release",
-                 resampling="nearest-neighbour repeat of 20 m and 60 m bands onto the 10 m grid",
-                 pairing="S1 and S2 products of a location paired season by season in date order")
+        d.update(s2_product=self.options.s2_product, s2_offset="none in this release", resampling=RESAMPLING,
+                 pairing=("S1 and S2 products of a location paired by acquisition date (from the product ids): the "
+                          "k-th S1 with the k-th S2 in date order, the pairing with the least total gap; time_index "
+                          "is that date rank; pair_gap_days in each sample's json"),
+                 max_pair_gap_days=self.options.max_pair_gap_days)
         return d

@@ -6,10 +6,26 @@ Layout::
 
 Each file is a zipped Zarr v2 store with consolidated metadata holding 64
 locations: ``bands`` (sample, time=4, band, y=264, x=264), int16 for S2
-(reflectance × 10000 **+ 1000**), float16 dB for S1, with coordinates
-``sample`` (location ids), ``band`` (names) and per-sample ``center_lat``,
-``center_lon``, ``crs``, ``time_`` and ``file_id``. S1 and S2 files with the same
-number describe the same locations; they are paired by location id.
+(reflectance × 10000 **+ 1000**), float16 dB for S1. As released (the dataset
+card's xarray listing, DLR-MF-DAS/SSL4EO-S12-v1.1 README.md), the coordinates are
+``sample`` (location ids), ``time`` (0..3), ``band`` ('B01'..'B12', 'B8A'; 'vv',
+'vh') and ``y``/``x`` (pixel indices), and the metadata are data variables:
+``center_lat``, ``center_lon``, ``crs`` (sample,) int64 EPSG code, ``file_id``
+and ``time_`` (sample, time), ``sample_id``, ``x_``/``y_`` (sample, x|y) metres;
+S2 files add ``cloud_mask``. Either form of each (coordinate or variable, 'B1' or
+'B01', 'EPSG:32632' or 32632) is read.
+
+S1 and S2 files with the same number describe the same locations; they are paired
+by location id. Within a location the four acquisitions are paired **by date**,
+not by index: in this release the S1 cubes and ``file_id`` are stacked in
+product-name order (S1A before S1B), which is not chronological, while ``time_``
+is sorted (issue "Incorrect S1GRD ordering", DLR-MF-DAS/SSL4EO-S12-v1.1#4, fixed
+in the WebDataset release). The product id names the acquisition stored at its
+index, so the date comes from it (``time_`` only where a product id has none),
+and `pair_by_date` matches the k-th S1 with the k-th S2 in date order. Each
+sample's json records ``pair_gap_days``; a pair further apart than
+``max_pair_gap_days`` is quarantined (temporal_mismatch). The time index is the
+pair's date rank (0 = earliest), not a season.
 
 Files are opened in place (local zip, or through an fsspec zip filesystem over
 the remote object, reading only the chunks needed), never loaded whole.
@@ -26,16 +42,16 @@ import numpy as np
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
-    S1_BANDS,
-    S2_L1C_BANDS,
-    S2_L2A_BANDS,
     S2_NODATA,
+    TEMPORAL_MISMATCH,
     UNREADABLE,
     WRONG_BAND_COUNT,
     Rejection,
     Result,
     Source,
     WorkItem,
+    date_from_name,
+    pair_by_date,
 )
 from pipeline.storage import is_local
 
@@ -94,6 +110,41 @@ def _per_time(arr, i: int, t: int) -> Any:
     return v[t] if np.ndim(v) > 0 else v
 
 
+def _file_metadata(fs, path: str) -> "dict[str, Any] | Exception":
+    """What the inventory needs from one file (ids, sizes, per-sample metadata), or the error opening it."""
+    try:
+        ds = open_zarr_zip(fs, path)
+        return {
+            "ids": [_text(v) for v in ds["sample"].values],
+            "ntime": int(ds["bands"].shape[1]),
+            "shape": tuple(int(v) for v in ds["bands"].shape[2:]),
+            "itemsize": ds["bands"].dtype.itemsize,
+            **{key: ds[var].values if var in ds.variables else None for key, var in
+               (("time", "time_"), ("file_id", "file_id"), ("lat", "center_lat"), ("lon", "center_lon"),
+                ("crs", "crs"))},
+        }
+    except Exception as err:  # noqa: BLE001 - corrupt / truncated zip or metadata
+        return err
+
+
+def _product(c: dict[str, Any], i: int, t: int) -> Optional[str]:
+    """The product id of acquisition ``t`` of location ``i``, None without ``file_id``."""
+    return None if c["file_id"] is None else _text(_per_time(c["file_id"], i, t))
+
+
+def _times(c: dict[str, Any], i: int) -> list[Optional[str]]:
+    """ISO acquisition times of location ``i`` in stored order: from the product id that names the
+    acquisition at each index, else from ``time_`` (which this release sorts independently for S1)."""
+    out = []
+    for t in range(c["ntime"]):
+        product = _product(c, i, t)
+        iso = date_from_name(product) if product else None
+        if iso is None and c["time"] is not None:
+            iso = _iso(_per_time(c["time"], i, t))
+        out.append(iso)
+    return out
+
+
 class _LocationCache:
     """All time steps of the current location: the files chunk one location (all seasons) per chunk,
     so reading (sample, time) one by one would decompress the same chunk once per season."""
@@ -116,14 +167,6 @@ class SSL4EOZarr(Source):
     split_names = ("train", "val")
 
     @property
-    def s1_bands(self) -> tuple[str, ...]:
-        return S1_BANDS
-
-    @property
-    def s2_bands(self) -> tuple[str, ...]:
-        return S2_L1C_BANDS if self.options.s2_product == "L1C" else S2_L2A_BANDS
-
-    @property
     def s2_folder(self) -> str:
         return f"S2{self.options.s2_product}"
 
@@ -143,7 +186,19 @@ class SSL4EOZarr(Source):
                 f"{self.input_url}: no SSL4EO-S12 v1.1 Zarr files "
                 "({train,val}/{S1GRD,S2L1C,S2L2A}/ssl4eos12_<split>_seasonal_data_NNNNNN.zarr.zip)"
             )
+        self._check_products({prod for nums in files.values() for prods in nums.values() for prod in prods})
         return [s for s in ("train", "val") if s in files] + sorted(set(files) - {"train", "val"})
+
+    def _check_products(self, found: set[str]) -> None:
+        """Stop before any work when a product folder the job needs is absent from every split."""
+        listed = ", ".join(f"{p}/" for p in sorted(found))
+        if self.s2_folder not in found:
+            other = [level for level, folder in S2_PRODUCTS.items() if folder in found]
+            hint = f": pass --s2-product {other[0]}" if other else ""
+            raise FileNotFoundError(f"no {self.s2_folder}/ in {self.input_url}; found {listed}{hint}")
+        if S1_PRODUCT not in found:
+            raise FileNotFoundError(f"no {S1_PRODUCT}/ in {self.input_url}; found {listed}: "
+                                    f"{self.name} pairs {S1_PRODUCT}/ with {self.s2_folder}/")
 
     def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
         pairs = self._files().get(split, {})
@@ -168,38 +223,9 @@ class SSL4EOZarr(Source):
     def inventory_pair(self, job: tuple[str, str, str]) -> tuple[list[WorkItem], list[Rejection]]:
         """Sample ids, times and metadata of one S1/S2 file pair, read from the Zarr metadata and coordinates."""
         num, p1, p2 = job
-        coords = {}
-        for tag, path in (("s1", p1), ("s2", p2)):
-            try:
-                ds = open_zarr_zip(self.fs, path)
-                coords[tag] = {
-                    "ids": [_text(v) for v in ds["sample"].values],
-                    "ntime": int(ds["bands"].shape[1]),
-                    "shape": tuple(int(v) for v in ds["bands"].shape[2:]),
-                    "itemsize": ds["bands"].dtype.itemsize,
-                    "time": ds["time_"].values if "time_" in ds else None,
-                    "file_id": ds["file_id"].values if "file_id" in ds else None,
-                    "lat": ds["center_lat"].values if "center_lat" in ds else None,
-                    "lon": ds["center_lon"].values if "center_lon" in ds else None,
-                    "crs": ds["crs"].values if "crs" in ds else None,
-                }
-            except Exception as err:  # noqa: BLE001 - corrupt / truncated zip or metadata
-                coords[tag] = err
-        bad = [(tag, p) for tag, p in (("s1", p1), ("s2", p2)) if isinstance(coords[tag], Exception)]
-        if bad:
-            rejects = []
-            good = [t for t in ("s1", "s2") if not isinstance(coords[t], Exception)]
-            for tag, path in bad:
-                err = coords[tag]
-                detail = f"{type(err).__name__}: {err}"
-                if good:  # the partner tells which samples are lost
-                    c = coords[good[0]]
-                    for sid in c["ids"]:
-                        for t in range(c["ntime"]):
-                            rejects.append(Rejection(self.url(path), sid, UNREADABLE, detail, make_key(sid, f"t{t}"), t))
-                else:
-                    rejects.append(Rejection(self.url(path), None, UNREADABLE, detail))
-            return [], rejects
+        coords = {tag: _file_metadata(self.fs, path) for tag, path in (("s1", p1), ("s2", p2))}
+        if any(isinstance(c, Exception) for c in coords.values()):
+            return [], self._unreadable(coords, {"s1": p1, "s2": p2})
         c1, c2 = coords["s1"], coords["s2"]
         index1 = {sid: i for i, sid in enumerate(c1["ids"])}
         index2 = {sid: i for i, sid in enumerate(c2["ids"])}
@@ -207,7 +233,6 @@ class SSL4EOZarr(Source):
         est = h * w * (len(self.s1_bands) * c1["itemsize"] + len(self.s2_bands) * c2["itemsize"]) + 2048
         items: list[WorkItem] = []
         rejects: list[Rejection] = []
-        ntime = min(c1["ntime"], c2["ntime"])
         for sid in c2["ids"] + [s for s in c1["ids"] if s not in index2]:
             if sid not in index1 or sid not in index2:
                 path = p2 if sid in index2 else p1
@@ -216,21 +241,62 @@ class SSL4EOZarr(Source):
                     rejects.append(Rejection(self.url(path), sid, MISSING_PARTNER, f"location has no {missing} data in file {num}",
                                              make_key(sid, f"t{t}"), t))
                 continue
-            i1, i2 = index1[sid], index2[sid]
-            for t in range(ntime):
-                meta = {
-                    "lat": None if c2["lat"] is None else float(c2["lat"][i2]),
-                    "lon": None if c2["lon"] is None else float(c2["lon"][i2]),
-                    "crs": None if c2["crs"] is None else _crs(c2["crs"][i2]),
-                    "timestamps": {
-                        "s1": None if c1["time"] is None else _iso(_per_time(c1["time"], i1, t)),
-                        "s2": None if c2["time"] is None else _iso(_per_time(c2["time"], i2, t)),
-                    },
-                    "s1_product": None if c1["file_id"] is None else _text(_per_time(c1["file_id"], i1, t)),
-                    "s2_product": None if c2["file_id"] is None else _text(_per_time(c2["file_id"], i2, t)),
-                }
-                items.append(WorkItem(make_key(sid, f"t{t}"), sid, t,
-                                      {"s1": p1, "s2": p2, "i1": i1, "i2": i2, "meta": meta}, est))
+            its, rej = self._location(sid, (p1, index1[sid], c1), (p2, index2[sid], c2), est)
+            items.extend(its)
+            rejects.extend(rej)
+        return items, rejects
+
+    def _unreadable(self, coords: dict[str, Any], paths: dict[str, str]) -> list[Rejection]:
+        """Rejections for a file pair whose metadata cannot be read: the partner tells which samples are lost."""
+        rejects = []
+        good = [t for t in ("s1", "s2") if not isinstance(coords[t], Exception)]
+        for tag in ("s1", "s2"):
+            err = coords[tag]
+            if not isinstance(err, Exception):
+                continue
+            detail = f"{type(err).__name__}: {err}"
+            if good:
+                c = coords[good[0]]
+                for sid in c["ids"]:
+                    for t in range(c["ntime"]):
+                        rejects.append(Rejection(self.url(paths[tag]), sid, UNREADABLE, detail, make_key(sid, f"t{t}"), t))
+            else:
+                rejects.append(Rejection(self.url(paths[tag]), None, UNREADABLE, detail))
+        return rejects
+
+    def _location(self, sid: str, s1: tuple, s2: tuple, est: int) -> tuple[list[WorkItem], list[Rejection]]:
+        """The samples of one location: its S1 and S2 acquisitions paired by date (`pair_by_date`).
+
+        ``s1`` / ``s2``: (file path, the location's index in the file, the file's metadata)."""
+        (p1, i1, c1), (p2, i2, c2) = s1, s2
+        times1, times2 = _times(c1, i1), _times(c2, i2)
+        items: list[WorkItem] = []
+        rejects: list[Rejection] = []
+        limit = self.options.max_pair_gap_days
+        for pair in pair_by_date(times1, times2):
+            key = make_key(sid, f"t{pair.rank}")
+            if pair.s1 is None or pair.s2 is None:
+                missing, path = ("S1", p2) if pair.s1 is None else ("S2", p1)
+                rejects.append(Rejection(self.url(path), sid, MISSING_PARTNER,
+                                         f"no {missing} acquisition for acquisition {pair.rank} in date order",
+                                         key, pair.rank))
+                continue
+            meta = {
+                "lat": None if c2["lat"] is None else float(c2["lat"][i2]),
+                "lon": None if c2["lon"] is None else float(c2["lon"][i2]),
+                "crs": None if c2["crs"] is None else _crs(c2["crs"][i2]),
+                "timestamps": {"s1": times1[pair.s1], "s2": times2[pair.s2]},
+                "s1_product": _product(c1, i1, pair.s1),
+                "s2_product": _product(c2, i2, pair.s2),
+                "pair_gap_days": pair.gap_days,
+            }
+            if pair.gap_days is not None and pair.gap_days > limit:
+                rejects.append(Rejection(self.url(p1), sid, TEMPORAL_MISMATCH,
+                                         f"S1 {meta['s1_product']} ({times1[pair.s1]}) is {pair.gap_days:g} days from "
+                                         f"S2 {meta['s2_product']} ({times2[pair.s2]}); limit {limit:g}", key, pair.rank))
+                continue
+            items.append(WorkItem(key, sid, pair.rank, {"s1": p1, "s2": p2, "i1": i1, "i2": i2, "t1": pair.s1,
+                                                        "t2": pair.s2, "meta": meta}, est))
         return items, rejects
 
     def _band_order(self, ds, expected: Sequence[str]) -> Optional[list[int]]:
@@ -273,7 +339,7 @@ class SSL4EOZarr(Source):
                 continue
             try:
                 s1, s2 = location.get(ds1, ds2, it.refs["i1"], it.refs["i2"])
-                s1, s2 = s1[it.time_index][order1], s2[it.time_index][order2]
+                s1, s2 = s1[it.refs["t1"]][order1], s2[it.refs["t2"]][order2]
             except Exception as err:  # noqa: BLE001 - a corrupt chunk loses this sample only
                 yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
                 continue
@@ -308,6 +374,11 @@ class SSL4EOZarr(Source):
                 "note": ("stored = raw - 1000 for every pixel (int16, exactly invertible; raw no-data 0 becomes -1000)"
                          if self.options.s2_offset == "remove" else "stored = raw (reflectance x 10000 + 1000)"),
             },
-            pairing="S1GRD and S2 files with the same number, paired by location id",
+            pairing=("S1GRD and S2 files with the same number, paired by location id; a location's S1 and S2 "
+                     "acquisitions paired by acquisition date (from the product ids in file_id, time_ where a "
+                     "product id has none): the k-th S1 with the k-th S2 in date order, the pairing with the least "
+                     "total gap, never by index (the release stores S1 in product-name order); time_index is that "
+                     "date rank; pair_gap_days in each sample's json"),
+            max_pair_gap_days=self.options.max_pair_gap_days,
         )
         return d

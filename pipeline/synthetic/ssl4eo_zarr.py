@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from pipeline.synthetic.scene import (
 )
 
 SSL4EO_ZARR_PRODUCTS = (S1_PRODUCT, *S2_PRODUCTS.values())
+# Band names as the release spells them (the dataset card's xarray listing: 'B01' ... 'B8A', 'vv', 'vh').
+RELEASE_BAND_NAMES = {"B8A": "B8A", "VV": "vv", "VH": "vh", **{f"B{i}": f"B{i:02d}" for i in range(1, 13)}}
+S1Order = Union[str, Sequence[int]]
 _S2_BANDS = {"L1C": S2_L1C_BANDS, "L2A": S2_L2A_BANDS}
 _LEVEL_OF = {product: level for level, product in S2_PRODUCTS.items()}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # earliest date a zip entry can carry: no wall-clock time in the files
@@ -31,26 +34,38 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # earliest date a zip entry can carry: no wal
 
 def make_ssl4eo_zarr(root: str | Path, splits: Mapping[str, int] | None = None, samples_per_file: int = 4,
                      size: int = 264, seed: int = 0,
-                     products: Sequence[str] = SSL4EO_ZARR_PRODUCTS) -> dict:
-    """Write an SSL4EO-S12 v1.1 archive of zipped Zarr v2 stores.
+                     products: Sequence[str] = SSL4EO_ZARR_PRODUCTS, s1_order: S1Order = "product_name") -> dict:
+    """Write an SSL4EO-S12 v1.1 archive of zipped Zarr v2 stores, in the forms the release uses.
 
     Layout: ``root/{split}/{product}/ssl4eos12_{split}_seasonal_data_{NNNNNN}.zarr.zip``,
     NNNNNN counting from 000001 per split; the files of one number hold the same
     locations in the same order in every product.
 
-    Each store: ``bands`` (sample, time=4, band, y=size, x=size), chunked one sample
-    per chunk; S2 int16 reflectance x 10000 + 1000 (0 = no-data), 13 bands (L1C) or
-    12 (L2A), 20 m / 60 m bands blocky as resampled from their native grid; S1 float16
-    dB, bands (VV, VH). S2 stores also hold ``cloud_mask`` (sample, time, y, x) uint8
-    (0 land, 1 water). Coordinates: ``sample`` (7-digit id strings), ``time`` (0..3),
-    ``band``, ``y``/``x`` (float64 metres, pixel centres, 10 m apart, of the first
-    sample's grid), ``center_lat``/``center_lon`` (sample,) float64 degrees, ``crs``
-    (sample,) "EPSG:326zz"/"EPSG:327zz", ``time_`` (sample, time) datetime64[ns]
-    acquisition times (S1 1-2 days off S2), ``file_id`` (sample, time) product ids.
+    Each store (as the dataset card, DLR-MF-DAS/SSL4EO-S12-v1.1 README.md, lists it):
+    ``bands`` (sample, time=4, band, y=size, x=size), chunked one sample per chunk;
+    S2 int16 reflectance x 10000 + 1000 (0 = no-data), 13 bands (L1C) or 12 (L2A),
+    20 m / 60 m bands blocky as resampled from their native grid; S1 float16 dB.
+    Coordinates: ``sample`` (7-digit id strings), ``time`` (0..3), ``band`` ('B01' ..
+    'B12', 'B8A'; 'vv', 'vh'), ``y`` / ``x`` (int64 pixel indices). Data variables:
+    ``center_lat`` / ``center_lon`` (sample,) float64 degrees, ``crs`` (sample,) int64
+    EPSG code (326zz / 327zz), ``file_id`` (sample, time) product ids, ``sample_id``
+    (sample, time) '<id>_<t>', ``time_`` (sample, time) datetime64[ns] acquisition
+    times (S1 1-2 days off S2), ``x_`` / ``y_`` (sample, x|y) float64 metres, each
+    sample's own pixel centres; S2 stores add ``cloud_mask`` (sample, time, y, x) uint8
+    (0 land, 1 water).
+
+    ``s1_order``: how each location's four S1 acquisitions are stored. "product_name"
+    (the release, DLR-MF-DAS/SSL4EO-S12-v1.1#4): cube and ``file_id`` in the sorted
+    order of the product names (S1A before S1B, so not always chronological) while
+    ``time_`` is sorted by date; "date": everything chronological (as the WebDataset
+    release); or a permutation of range(4) applied to every location's cube and file_id
+    (time_ stays sorted), for tests. S2 is always chronological.
 
     ``splits``: files per split, default {"train": 2, "val": 1}. ``size`` must be a
     multiple of 6. Returns {"root", "size", "products", "splits": {split: {"files":
-    {product: [path, ...]}, "samples": [[id, ...] per file]}}}.
+    {product: [path, ...]}, "samples": [[id, ...] per file]}}, "s1_order": {id: [k, ...]}}
+    where ``s1_order[id][j]`` is the date rank (0 = earliest) of the S1 acquisition
+    stored at time index j of that location's cube.
     """
     import xarray  # noqa: F401  (fail here, before any file is written, if it is missing)
 
@@ -62,7 +77,7 @@ def make_ssl4eo_zarr(root: str | Path, splits: Mapping[str, int] | None = None, 
     root = Path(root)
     # Consecutive ids from a seeded start, as in the published files.
     next_id = int(keyed_rng(seed, STREAM_ARCHIVE).integers(0, 250_000 - 100_000))
-    result: dict = {"root": str(root), "size": size, "products": list(products), "splits": {}}
+    result: dict = {"root": str(root), "size": size, "products": list(products), "splits": {}, "s1_order": {}}
     for split, n_files in splits.items():
         files: dict[str, list[str]] = {p: [] for p in products}
         samples: list[list[str]] = []
@@ -70,14 +85,29 @@ def make_ssl4eo_zarr(root: str | Path, splits: Mapping[str, int] | None = None, 
             locs = [location(seed, next_id + i, size) for i in range(samples_per_file)]
             next_id += samples_per_file
             samples.append([loc.name for loc in locs])
+            orders = [_s1_order(loc, s1_order) for loc in locs]
+            result["s1_order"].update({loc.name: o for loc, o in zip(locs, orders)})
             cubes = _render_cubes(seed, locs, products, size)
             for product in products:
-                ds, encoding = _dataset(locs, product, cubes[product])
+                ds, encoding = _dataset(locs, product, cubes[product], orders)
                 path = root / split / product / FILE_NAME.format(split=split, number=number)
                 _write_zarr_zip(ds, encoding, path)
                 files[product].append(str(path))
         result["splits"][split] = {"files": files, "samples": samples}
     return result
+
+
+def _s1_order(loc: Location, order: S1Order) -> list[int]:
+    """Date ranks of the S1 acquisitions in the order ``order`` stores them (see `make_ssl4eo_zarr`)."""
+    ids = loc.acquisitions.s1_ids  # chronological
+    if order == "product_name":
+        return sorted(range(len(ids)), key=lambda k: ids[k])
+    if order == "date":
+        return list(range(len(ids)))
+    perm = [int(k) for k in order]
+    if sorted(perm) != list(range(len(ids))):
+        raise ValueError(f"s1_order must be 'product_name', 'date' or a permutation of 0..{len(ids) - 1}, got {order!r}")
+    return perm
 
 
 def _render_cubes(seed: int, locs: Sequence[Location], products: Sequence[str], size: int) -> dict:
@@ -102,42 +132,48 @@ def _encode_s2(reflectance: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(reflectance) + S2_OFFSET, S2_NODATA + 1, np.iinfo(np.int16).max).astype(np.int16)
 
 
-def _dataset(locs: Sequence[Location], product: str, cubes: np.ndarray):
+def _dataset(locs: Sequence[Location], product: str, cubes: np.ndarray, s1_orders: Sequence[Sequence[int]]):
     """The xarray Dataset of one SSL4EO-S12 v1.1 file, and its Zarr encoding.
 
-    ``cubes``: (sample, 4, band, size, size), already encoded (int16 S2 with offset, float16 S1 dB).
-    x / y are one axis per file: they hold the first sample's grid (what concatenating
-    per-sample datasets with join="override" leaves); every sample's own grid is centred
-    on its (center_lat, center_lon) in its ``crs``.
+    ``cubes``: (sample, 4, band, size, size), already encoded (int16 S2 with offset, float16 S1 dB),
+    time steps chronological; S1 cube and file_id are reordered here by ``s1_orders``, while time_
+    stays chronological, as the release keeps it.
     """
     import xarray as xr
 
     s1 = product == S1_PRODUCT
     bands = S1_BANDS if s1 else _S2_BANDS[_LEVEL_OF[product]]
-    first = locs[0].footprint
     acqs = [loc.acquisitions for loc in locs]
     time_ = np.stack([a.s1_time if s1 else a.s2_time for a in acqs])
     file_id = np.array([a.s1_ids if s1 else a.s2_ids for a in acqs])
-    ds = xr.Dataset(
-        {"bands": (("sample", "time", "band", "y", "x"), cubes)},
-        coords={
-            "sample": np.array([loc.name for loc in locs]),
-            "time": np.arange(4, dtype=np.int64),
-            "band": np.array(bands),
-            "y": first.y_centres(),
-            "x": first.x_centres(),
-            "center_lat": ("sample", np.array([loc.center_lat for loc in locs])),
-            "center_lon": ("sample", np.array([loc.center_lon for loc in locs])),
-            "crs": ("sample", np.array([loc.footprint.crs for loc in locs])),
-            "time_": (("sample", "time"), time_),
-            "file_id": (("sample", "time"), file_id),
-        },
-    )
+    if s1:
+        order = np.array(s1_orders)  # (sample, 4) date rank stored at each index
+        rows = np.arange(len(locs))[:, None]
+        cubes, file_id = cubes[rows, order], file_id[rows, order]
+    size = cubes.shape[-1]
+    names = [loc.name for loc in locs]
+    data = {
+        "bands": (("sample", "time", "band", "y", "x"), cubes),
+        "center_lat": ("sample", np.array([loc.center_lat for loc in locs])),
+        "center_lon": ("sample", np.array([loc.center_lon for loc in locs])),
+        "crs": ("sample", np.array([loc.footprint.epsg for loc in locs], dtype=np.int64)),
+        "file_id": (("sample", "time"), file_id),
+        "sample_id": (("sample", "time"), np.array([[f"{n}_{t}" for t in range(4)] for n in names])),
+        "time_": (("sample", "time"), time_),
+        "x_": (("sample", "x"), np.stack([loc.footprint.x_centres() for loc in locs])),
+        "y_": (("sample", "y"), np.stack([loc.footprint.y_centres() for loc in locs])),
+    }
     if not s1:
         # Scene classification as in the published S2 files: 0 land, 1 water (no clouds here).
-        water = np.stack([loc.scene.crop(first.size).classes == WATER for loc in locs]).astype(np.uint8)
-        ds["cloud_mask"] = (("sample", "time", "y", "x"), np.repeat(water[:, None], 4, axis=1))
-    size = cubes.shape[-1]
+        water = np.stack([loc.scene.crop(size).classes == WATER for loc in locs]).astype(np.uint8)
+        data["cloud_mask"] = (("sample", "time", "y", "x"), np.repeat(water[:, None], 4, axis=1))
+    ds = xr.Dataset(data, coords={
+        "sample": np.array(names),
+        "time": np.arange(4, dtype=np.int64),
+        "band": np.array([RELEASE_BAND_NAMES[b] for b in bands]),
+        "y": np.arange(size, dtype=np.int64),
+        "x": np.arange(size, dtype=np.int64),
+    })
     encoding = {
         "bands": {"chunks": (1, 4, len(bands), size, size)},
         # Integers since the epoch, whatever the dates: the same units in every file.

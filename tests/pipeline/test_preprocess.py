@@ -109,9 +109,14 @@ def test_zarr_all_splits_lossless_with_stats(zarr_archive, tmp_path):
             f2 = zarr_archive / split / "S2L1C" / f1.name
             d1, d2 = open_zip(f1), open_zip(f2)
             for i, sid in enumerate(d2["sample"].values):
+                # S1 is stored in product-name order: its acquisition of date rank t, by the date in the product id
+                s1_by_date = sorted(range(4), key=lambda k: str(d1["file_id"].values[i, k]).split("_")[4])
                 for t in range(4):
                     got = samples[f"{sid}_t{t}"]
-                    np.testing.assert_array_equal(got["s1.npy"], d1["bands"][i, t].values)
+                    j = s1_by_date[t]
+                    np.testing.assert_array_equal(got["s1.npy"], d1["bands"][i, j].values)
+                    assert got["json"]["s1_product"] == str(d1["file_id"].values[i, j])
+                    assert 0 < got["json"]["pair_gap_days"] < 3
                     assert got["s1.npy"].dtype == np.float16
                     np.testing.assert_array_equal(got["s2.npy"], d2["bands"][i, t].values - 1000)
                     meta = got["json"]
@@ -144,12 +149,15 @@ def test_zarr_corrupt_and_unpaired_files_are_quarantined(zarr_archive, tmp_path)
     # remove the S2 partner of the second file: one 'missing_partner' line for the file
     (src / "train" / "S2L1C" / s1_files[1].name).unlink()
     out = tmp_path / "out"
-    preprocess("--source", "ssl4eo-zarr", "--input", str(src), "--output", str(out), "--workers", "1")
-    m, q = read_manifest(out), read_quarantine(out)
+    # every input is quarantined: the run fails with the reasons counted, leaves the report and commits nothing
+    proc = preprocess("--source", "ssl4eo-zarr", "--input", str(src), "--output", str(out), "--workers", "1",
+                      check=False)
+    assert proc.returncode == 2
+    assert "no sample written: all 13 input samples were quarantined (unreadable 12, missing_partner 1)" in proc.stderr
+    assert not (out / "manifest.json").exists()
+    q = read_quarantine(out)
     reasons = [r["reason"] for r in q]
     assert reasons.count("unreadable") == 12 and reasons.count("missing_partner") == 1
-    assert m["totals"]["samples"] == 0 and m["totals"]["shards"] == 0
-    assert m["quarantined"] == len(q) == m["totals"]["input_samples"]
     assert all(r["url"].endswith(".zarr.zip") for r in q)
 
 
@@ -168,11 +176,13 @@ def _corrupt_tiff_archive(root: Path) -> dict:
     prod = seasons(root / "s2c" / locs[0])[0]
     b4 = prod / "B4.tif"
     b4.write_bytes(b4.read_bytes()[:200])
-    # wrong shape: replace a 20 m band by a 10 m sized one
+    # wrong shape: a 20 m band with the pixel count of a 10 m one on its 20 m grid (twice the footprint)
     prod = seasons(root / "s2c" / locs[0])[1]
     with rasterio.open(prod / "B2.tif") as ds:
-        profile, arr = ds.profile, ds.read(1)
-    with rasterio.open(prod / "B5.tif", "w", **profile) as ds:
+        arr = ds.read(1)
+    with rasterio.open(prod / "B5.tif") as ds:
+        profile = ds.profile
+    with rasterio.open(prod / "B5.tif", "w", **{**profile, "width": arr.shape[1], "height": arr.shape[0]}) as ds:
         ds.write(arr, 1)
     # non-finite S1 values
     prod = seasons(root / "s1" / locs[0])[2]

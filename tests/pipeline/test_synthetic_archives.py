@@ -85,10 +85,15 @@ def test_zarr_layout(zarr_archive):
     assert len(ids) == len(set(ids)) == 9 and all(re.fullmatch(r"\d{7}", i) for i in ids)
 
 
+# Band names as the release spells them (the dataset card's xarray listing of an S2L2A and an S1GRD file).
+RELEASE_L1C = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+RELEASE_L2A = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+
+
 @pytest.mark.parametrize("product,dtype,bands", [
-    ("S1GRD", np.float16, syn.S1_BANDS),
-    ("S2L1C", np.int16, syn.S2_L1C_BANDS),
-    ("S2L2A", np.int16, syn.S2_L2A_BANDS),
+    ("S1GRD", np.float16, ("vv", "vh")),
+    ("S2L1C", np.int16, RELEASE_L1C),
+    ("S2L2A", np.int16, RELEASE_L2A),
 ])
 def test_zarr_store_contents(zarr_archive, product, dtype, bands):
     root, out = zarr_archive
@@ -101,22 +106,34 @@ def test_zarr_store_contents(zarr_archive, product, dtype, bands):
     assert tuple(ds["band"].values) == bands
     assert list(ds["time"].values) == [0, 1, 2, 3]
     assert list(ds["sample"].values) == out["splits"]["train"]["samples"][1]
+    # As released, the metadata are data variables and x / y are pixel indices.
+    assert {"center_lat", "center_lon", "crs", "file_id", "sample_id", "time_", "x_", "y_"} <= set(ds.data_vars)
+    assert set(ds.coords) == {"sample", "time", "band", "y", "x"}
     assert ds["time_"].dims == ("sample", "time") and ds["time_"].dtype == np.dtype("datetime64[ns]")
-    assert np.all(np.diff(ds["time_"].values, axis=1) > np.timedelta64(30, "D"))  # one per season
+    assert np.all(np.diff(ds["time_"].values, axis=1) > np.timedelta64(30, "D"))  # one per season, sorted
     pattern = S1_ID if product == "S1GRD" else S2_ID
     for sample_ids, times in zip(ds["file_id"].values, ds["time_"].values):
-        for fid, t in zip(sample_ids, times):
+        days = []
+        for fid in sample_ids:
             m = pattern.match(str(fid))
             assert m, fid
-            assert m.group(1) == np.datetime_as_string(t, unit="D").replace("-", "")
-    assert all(UTM.match(str(c)) for c in ds["crs"].values)
+            days.append(m.group(1))
+        stamps = [np.datetime_as_string(t, unit="D").replace("-", "") for t in times]
+        if product == "S1GRD":  # as released: file_id in product-name order, time_ sorted (DLR-MF-DAS/SSL4EO-S12-v1.1#4)
+            assert list(sample_ids) == sorted(sample_ids) and sorted(days) == stamps
+        else:
+            assert days == stamps
+    assert ds["sample_id"].values[2, 3] == f"{out['splits']['train']['samples'][1][2]}_3"
+    assert ds["crs"].dtype == np.int64 and all(UTM.match(f"EPSG:{c}") for c in ds["crs"].values)
     assert np.all(np.abs(ds["center_lat"].values) < 90) and np.all(np.abs(ds["center_lon"].values) <= 180)
-    # x / y: 10 m pixel centres of the first sample's grid, centred on its (lat, lon).
-    x, y = ds["x"].values, ds["y"].values
-    assert x.dtype == np.float64 and np.allclose(np.diff(x), 10.0) and np.allclose(np.diff(y), -10.0)
-    east, north = rasterio.warp.transform("EPSG:4326", str(ds["crs"].values[0]),
-                                          [float(ds["center_lon"][0])], [float(ds["center_lat"][0])])
-    assert abs(x.mean() - east[0]) < 1.0 and abs(y.mean() - north[0]) < 1.0
+    assert ds["x"].dtype == np.int64 and list(ds["x"].values) == list(range(48)) == list(ds["y"].values)
+    # x_ / y_: each sample's own 10 m pixel centres, centred on its (lat, lon).
+    for i in range(3):
+        x, y = ds["x_"].values[i], ds["y_"].values[i]
+        assert x.dtype == np.float64 and np.allclose(np.diff(x), 10.0) and np.allclose(np.diff(y), -10.0)
+        east, north = rasterio.warp.transform("EPSG:4326", f"EPSG:{ds['crs'].values[i]}",
+                                              [float(ds["center_lon"][i])], [float(ds["center_lat"][i])])
+        assert abs(x.mean() - east[0]) < 1.0 and abs(y.mean() - north[0]) < 1.0
     values = ds["bands"].values
     if product == "S1GRD":
         assert np.isfinite(values).all() and -50 <= values.min() and values.max() <= 30
@@ -139,7 +156,7 @@ def test_zarr_raw_metadata_is_v2_consolidated(zarr_archive):
     assert meta["time_/.zattrs"]["units"] == "nanoseconds since 1970-01-01"
     assert meta["time_/.zarray"]["dtype"] == "<i8"
     assert meta["sample/.zarray"]["dtype"] == "<U7"
-    assert meta["crs/.zarray"]["dtype"] == "<U10"
+    assert meta["crs/.zarray"]["dtype"] == "<i8"
     assert meta["file_id/.zarray"]["dtype"].startswith("<U")
     group = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r", zarr_format=2)
     assert group["bands"].shape == (3, 4, 12, 48, 48)
@@ -154,15 +171,15 @@ def test_zarr_s2_offset_and_modalities_agree(zarr_archive):
     np.testing.assert_allclose(s1["center_lat"].values, l2a["center_lat"].values)
     water = l2a["cloud_mask"].values.astype(bool)  # (sample, time, y, x)
     assert water.any() and (~water).any()
-    b8 = l2a["bands"].sel(band="B8").values.astype(np.float32) - 1000  # reflectance x 10000
+    b8 = l2a["bands"].sel(band="B08").values.astype(np.float32) - 1000  # reflectance x 10000
     assert 50 < np.median(b8[water]) < 600  # dark water in the NIR
     assert np.median(b8[~water]) > 1200
     # Top of atmosphere is brighter than the surface in the blue (path radiance).
-    blue_toa = l1c["bands"].sel(band="B2").values.astype(np.float32)
-    blue_boa = l2a["bands"].sel(band="B2").values.astype(np.float32)
+    blue_toa = l1c["bands"].sel(band="B02").values.astype(np.float32)
+    blue_boa = l2a["bands"].sel(band="B02").values.astype(np.float32)
     assert np.median(blue_toa - blue_boa) > 200
-    vv = s1["bands"].sel(band="VV").values.astype(np.float32)
-    vh = s1["bands"].sel(band="VH").values.astype(np.float32)
+    vv = s1["bands"].sel(band="vv").values.astype(np.float32)
+    vh = s1["bands"].sel(band="vh").values.astype(np.float32)
     assert np.median(vv[water]) < -17 < np.median(vv[~water])
     assert np.median(vv - vh) > 4  # cross-pol is several dB darker
     # S1 is acquired a day or two from S2.
@@ -173,8 +190,8 @@ def test_zarr_s2_offset_and_modalities_agree(zarr_archive):
 def test_zarr_seasons_change_vegetation(zarr_archive):
     _, out = zarr_archive
     ds = _open_zip(out["splits"]["train"]["files"]["S2L2A"][0])
-    nir = ds["bands"].sel(band="B8").values.astype(np.float32)
-    red = ds["bands"].sel(band="B4").values.astype(np.float32)
+    nir = ds["bands"].sel(band="B08").values.astype(np.float32)
+    red = ds["bands"].sel(band="B04").values.astype(np.float32)
     ndvi = (nir - red) / (nir + red - 2000)  # offset removed
     per_time = np.nanmedian(ndvi.reshape(ndvi.shape[0], 4, -1), axis=2)  # (sample, time)
     assert np.max(np.ptp(per_time, axis=1)) > 0.05

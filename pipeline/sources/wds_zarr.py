@@ -1,0 +1,355 @@
+"""The WebDataset releases of per-location zipped Zarr stores: what SSL4EO-S12 v1.1 and TerraMesh share.
+
+Layout::
+
+    {split}/{MODALITY}/<subset>_shard_NNNNNN.tar      one tar per modality and shard name
+        <key>.zarr.zip                                one location (`pipeline.sources.zarr_member`)
+
+Tars of the same name in different modality folders hold the same locations under the
+same keys in the same order: the releases' loaders zip the modality streams of one shard
+name and stop at the first key that differs (``multi_tarfile_samples`` in
+``ssl4eos12_dataset.py``, DLR-MF-DAS/SSL4EO-S12-v1.1, and in TerraMesh's ``terramesh.py``).
+Here they are paired by key, so a location missing from one modality is quarantined
+(``missing_partner``) instead of ending the shard.
+
+Planning lists files on the driver and nothing more: one Ray task per shard name walks
+the headers of its S1 and S2 tars (`pipeline.sources.wds_tar`) and decodes one pair of
+members to learn the time steps per location and the sample size. Workers then read each
+location's two members by byte range; one location gives one sample per time step, its
+S1 and S2 acquisitions paired by date (`pair_by_date`, as for the Zarr chunk files): the
+time index is the pair's date rank, and a pair further apart than ``max_pair_gap_days``
+is quarantined (temporal_mismatch).
+
+`product_folders` and `missing_product_error` are the reusable "which product folders are
+there" check (the Zarr chunk-file source can import them).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from pipeline.shards import Sample, make_key
+from pipeline.sources.base import (
+    MISSING_PARTNER,
+    TEMPORAL_MISMATCH,
+    UNREADABLE,
+    WRONG_BAND_COUNT,
+    WRONG_SHAPE,
+    DatePair,
+    Rejection,
+    Result,
+    Source,
+    WorkItem,
+    pair_by_date,
+)
+from pipeline.sources.wds_tar import MemberRef, TarIndex, index_tar, open_ranged, read_member
+from pipeline.sources.zarr_member import MEMBER_EXT, Location, decode_member
+from pipeline.storage import redact_url
+
+S2_LEVEL_FOLDERS = {"L1C": "S2L1C", "L2A": "S2L2A"}
+"""The S2 product folder of each ``--s2-product``, as both releases name them."""
+PRODUCT_FOLDER = re.compile(r"^S[12][A-Z0-9]+$")
+"""Modality folders of the releases: S1GRD, S1RTC, S2L1C, S2L2A, S2RGB (not DEM, NDVI, LULC)."""
+DUPLICATE_KEY = "duplicate_key"
+"""Quarantine reason: a member key seen in an earlier shard of the split."""
+PATCH_PX = 264
+"""Patch size of both releases (DLR README: "The data has size 264x264"; TerraMesh card): the size estimate
+of a shard whose members cannot be decoded while planning."""
+_PROBES = 3
+
+
+def product_folders(fs, split_root: str) -> list[str]:
+    """Sorted names of the product folders (S1GRD, S2L2A, ...) directly under ``split_root``."""
+    try:
+        entries = fs.ls(split_root, detail=True)
+    except FileNotFoundError:
+        return []
+    names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
+    return sorted(n for n in names if PRODUCT_FOLDER.match(n))
+
+
+def missing_product_error(where: str, folder: str, found: Sequence[str], why: str = "") -> FileNotFoundError:
+    """The error for a product folder that is not there, naming what is: ``no S2L1C/ in <where>; found S2L2A/:
+    pass --s2-product L2A``. ``why``: what the folder is needed for, added in parentheses."""
+    other = [f for f in found if f in S2_LEVEL_FOLDERS.values() and f != folder]
+    if folder in S2_LEVEL_FOLDERS.values() and other:
+        hint = f"found {other[0]}/: pass --s2-product {other[0][2:]}"
+    elif found:
+        hint = f"found {', '.join(f'{f}/' for f in found)}"
+    else:
+        hint = "found no product folder"
+    return FileNotFoundError(f"no {folder}/ in {where}; {hint}" + (f" ({why})" if why else ""))
+
+
+class ZarrWebDataset(Source):
+    """A release of ``{split}/{MODALITY}/<subset>_shard_NNNNNN.tar`` tars of zipped Zarr members."""
+
+    split_names = ("train", "val")
+    shard_file: re.Pattern = re.compile(r"^$")
+    """Tar names of the release (group ``subset`` where the release has several)."""
+    layout: str = ""
+    """The layout, for the message when an input holds none of it."""
+    default_times: int = 1
+    """Time steps per location when no member of a shard decodes while planning."""
+    s2_offset_note: str = ""
+
+    @property
+    def s2_folder(self) -> str:
+        return S2_LEVEL_FOLDERS[self.options.s2_product]
+
+    def s1_folder(self, shard: str) -> str:
+        """The S1 folder paired with the S2 tar named ``shard``."""
+        raise NotImplementedError
+
+    def sample_meta(self, shard: str) -> dict[str, Any]:
+        """Release-specific fields of the shard json of a sample from ``shard``."""
+        return {}
+
+    # -- the driver: listing, and the checks that stop a run before any work --------------------
+
+    def _listing(self) -> dict[str, dict[str, dict[str, str]]]:
+        """{split: {shard name: {product folder: path}}} of the release's tars, from one recursive listing."""
+        out: dict[str, dict[str, dict[str, str]]] = {}
+        for path in self.fs.find(self.root):
+            parts = path[len(self.root):].strip("/").split("/")
+            if len(parts) == 3 and PRODUCT_FOLDER.match(parts[1]) and self.shard_file.match(parts[2]):
+                out.setdefault(parts[0], {}).setdefault(parts[2], {})[parts[1]] = path
+        return out
+
+    def _needed(self, shards: dict[str, dict[str, str]]) -> dict[str, str]:
+        """{product folder: what for} the tars of one split need: the S2 level asked for and their S1 folders."""
+        needed = {self.s2_folder: ""}
+        for name in sorted(shards):
+            prefix = f"{name.split('_shard_')[0]}_shard_*.tar"
+            needed.setdefault(self.s1_folder(name), f"the S1 partners of the {prefix} tars")
+        return needed
+
+    def available_splits(self) -> list[str]:
+        listing = self._listing()
+        if not listing:
+            raise FileNotFoundError(f"{redact_url(self.input_url)}: no {self.version} tars ({self.layout})")
+        found = sorted({f for shards in listing.values() for folders in shards.values() for f in folders})
+        needed = {f: why for shards in listing.values() for f, why in self._needed(shards).items()}
+        for folder, why in sorted(needed.items()):
+            if folder not in found:  # missing everywhere: stop before Ray starts
+                raise missing_product_error(redact_url(self.input_url), folder, found, why)
+        return [s for s in self.split_names if s in listing] + sorted(set(listing) - set(self.split_names))
+
+    def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
+        shards = self._listing().get(split, {})
+        if not shards:
+            raise FileNotFoundError(f"{redact_url(self.input_url)}: no {self.version} tars for split {split!r}")
+        found = sorted({f for folders in shards.values() for f in folders})
+        for folder, why in self._needed(shards).items():
+            if folder not in found:
+                raise missing_product_error(f"{redact_url(self.input_url)}/{split}", folder, found, why)
+        jobs = [(name, folders.get(self.s1_folder(name)), folders.get(self.s2_folder))
+                for name, folders in sorted(shards.items())]
+        items: list[WorkItem] = []
+        rejects: list[Rejection] = []
+        for its, rej in map_fn(self.inventory_shard, [j for j in jobs if j[1] or j[2]]):
+            items.extend(its)
+            rejects.extend(rej)
+        return self._unique(items, rejects)
+
+    def _unique(self, items: list[WorkItem], rejects: list[Rejection]) -> tuple[list[WorkItem], list[Rejection]]:
+        """Items with keys seen before in the split go to quarantine (a shard key must be unique)."""
+        seen: set[str] = set()
+        kept = []
+        for it in items:
+            if it.key in seen:
+                rejects.append(Rejection(self.url(it.refs["s2"]), it.sample_id, DUPLICATE_KEY,
+                                         f"member {it.sample_id}.{MEMBER_EXT} also in an earlier shard", it.key,
+                                         it.time_index))
+                continue
+            seen.add(it.key)
+            kept.append(it)
+        return kept, rejects
+
+    # -- inventory: one Ray task per shard name ----------------------------------------------------
+
+    def inventory_shard(self, job: tuple[str, Optional[str], Optional[str]]) -> tuple[list[WorkItem], list[Rejection]]:
+        """The samples of the S1 and S2 tars named ``job[0]`` (either path may be None), from their headers."""
+        name, p1, p2 = job
+        i1 = index_tar(self.fs, p1) if p1 else None
+        i2 = index_tar(self.fs, p2) if p2 else None
+        times, est = self._probe(i1, i2)
+        rejects = [Rejection(self.url(i.path), None, UNREADABLE, i.problem)
+                   for i in (i1, i2) if i is not None and i.problem]
+        (by1, dup1), (by2, dup2) = _by_key(i1), _by_key(i2)
+        repeated = {ref.key: (path, ref) for path, ref in dup1 + dup2}  # a location repeated in both tars is one
+        for path, ref in repeated.values():
+            rejects.extend(Rejection(self.url(path), ref.key, DUPLICATE_KEY, f"member {ref.key}.{MEMBER_EXT} repeated "
+                                     f"at byte {ref.offset}", make_key(ref.key, f"t{t}"), t) for t in range(times))
+        items: list[WorkItem] = []
+        for key in list(by2) + [k for k in by1 if k not in by2]:
+            (r1, bad1), (r2, bad2) = by1.get(key, (None, False)), by2.get(key, (None, False))
+            if bad1 or bad2 or r1 is None or r2 is None:
+                rejects.extend(self._unpaired(name, key, times, (p1, r1, bad1), (p2, r2, bad2)))
+                continue
+            refs = {"shard": name, "member": key, "s1": p1, "s2": p2, "o1": r1.offset, "n1": r1.size,
+                    "o2": r2.offset, "n2": r2.size, "times": times}
+            items.extend(WorkItem(make_key(key, f"t{t}"), key, t, refs, est) for t in range(times))
+        return items, rejects
+
+    def _unpaired(self, name: str, key: str, times: int, s1: tuple, s2: tuple) -> list[Rejection]:
+        """One rejection per time step of a location that is truncated in a tar or lacks its partner."""
+        (p1, r1, bad1), (p2, r2, bad2) = s1, s2
+        if bad1 or bad2:
+            path, reason = (p1 if bad1 else p2), UNREADABLE
+            detail = f"member {key}.{MEMBER_EXT} runs past the end of the tar (truncated)"
+        else:
+            path, reason = (p2 if r2 is not None else p1), MISSING_PARTNER
+            missing = self.s1_folder(name) if r1 is None else self.s2_folder
+            detail = f"no {key}.{MEMBER_EXT} in {missing}/{name}"
+        return [Rejection(self.url(path), key, reason, detail, make_key(key, f"t{t}"), t) for t in range(times)]
+
+    def _probe(self, i1: Optional[TarIndex], i2: Optional[TarIndex]) -> tuple[int, int]:
+        """(time steps per location, estimated shard bytes per sample) from the first pair of members that decodes."""
+        shape, sizes = (self.default_times, PATCH_PX, PATCH_PX), (2, 2)
+        if i1 is not None and i2 is not None:
+            first = {m.key: m for m in i1.members}
+            pairs = [(first[m.key], m) for m in i2.members if m.key in first][:_PROBES]
+            for r1, r2 in pairs:
+                try:
+                    l1 = decode_member(self._fetch(i1.path, r1))
+                    l2 = decode_member(self._fetch(i2.path, r2))
+                except Exception:  # noqa: BLE001 - a bad member is quarantined when read; try the next
+                    continue
+                t, _, h, w = l2.bands.shape
+                shape, sizes = (t, h, w), (l1.bands.dtype.itemsize, l2.bands.dtype.itemsize)
+                break
+        t, h, w = shape
+        return t, h * w * (len(self.s1_bands) * sizes[0] + len(self.s2_bands) * sizes[1]) + 2048
+
+    def _fetch(self, path: str, ref: MemberRef) -> bytes:
+        with open_ranged(self.fs, path) as f:
+            return read_member(f, ref)
+
+    # -- workers: one location's members, one sample per time step ---------------------------------
+
+    def read(self, items: Sequence[WorkItem], split: str) -> Iterator[Result]:
+        tars = _OpenTars(self.fs)
+        try:
+            i = 0
+            while i < len(items):
+                j = i
+                while j < len(items) and _same_location(items[j], items[i]):
+                    j += 1
+                yield from self._read_location(items[i:j], split, tars)
+                i = j
+        finally:
+            tars.close()
+
+    def _read_location(self, items: Sequence[WorkItem], split: str, tars: "_OpenTars") -> Iterator[Result]:
+        refs = items[0].refs
+        located: dict[str, Location] = {}
+        for tag in ("s1", "s2"):
+            ref = MemberRef(refs["member"], refs[f"o{tag[1]}"], refs[f"n{tag[1]}"])
+            try:
+                located[tag] = decode_member(read_member(tars.get(refs[tag]), ref))
+            except Exception as err:  # noqa: BLE001 - a damaged member loses this location only
+                yield from self._reject_all(items, refs[tag], UNREADABLE, f"{type(err).__name__}: {err}")
+                return
+        l1, l2 = located["s1"], located["s2"]
+        problem = self._location_problem(refs, l1, l2)
+        if problem is not None:
+            yield from self._reject_all(items, *problem)
+            return
+        order1, order2 = l1.order(self.s1_bands), l2.order(self.s2_bands)
+        pairs = pair_by_date(l1.times, l2.times)  # the sample's time index is the pair's date rank
+        for it in items:
+            pair = pairs[it.time_index]
+            bad = self._gap_problem(it, pair, l1, l2)
+            if bad is None:
+                s1, s2 = l1.bands[pair.s1][order1], l2.bands[pair.s2][order2]
+                bad = self.check(it, s1, s2, self.url(refs["s2"]))
+            yield bad if bad is not None else Sample(it.key, s1, s2, self._meta(it, split, pair, l1, l2))
+
+    def _gap_problem(self, it: WorkItem, pair: DatePair, l1: Location, l2: Location) -> Optional[Rejection]:
+        """A rejection when the pair's acquisitions lie more than ``max_pair_gap_days`` apart."""
+        limit = self.options.max_pair_gap_days
+        if pair.gap_days is None or pair.gap_days <= limit:
+            return None
+        return Rejection(self.url(it.refs["s1"]), it.sample_id, TEMPORAL_MISMATCH,
+                         f"S1 {l1.file_ids[pair.s1]} ({l1.times[pair.s1]}) is {pair.gap_days:g} days from "
+                         f"S2 {l2.file_ids[pair.s2]} ({l2.times[pair.s2]}); limit {limit:g}", it.key, it.time_index)
+
+    def _location_problem(self, refs: dict[str, Any], l1: Location, l2: Location) -> Optional[tuple[str, str, str]]:
+        """(tar path, reason, detail) when the location's members cannot give the planned samples."""
+        for tag, loc, bands in (("s1", l1, self.s1_bands), ("s2", l2, self.s2_bands)):
+            name = tag.upper()
+            if loc.bands.shape[0] != refs["times"]:
+                return refs[tag], WRONG_SHAPE, (f"{name} member has {loc.bands.shape[0]} time steps, the members of "
+                                                f"shard {refs['shard']} have {refs['times']}")
+            if loc.order(bands) is None:
+                return refs[tag], WRONG_BAND_COUNT, f"{name} bands {loc.band_names}, expected {list(bands)}"
+        return None
+
+    def _reject_all(self, items: Sequence[WorkItem], path: str, reason: str, detail: str) -> Iterator[Rejection]:
+        for it in items:
+            yield Rejection(self.url(path), it.sample_id, reason, detail, it.key, it.time_index)
+
+    def _meta(self, it: WorkItem, split: str, pair: DatePair, l1: Location, l2: Location) -> dict[str, Any]:
+        return {
+            "sample_id": it.sample_id,
+            "time_index": it.time_index,
+            "source": self.name,
+            "split": split,
+            "lat": l2.lat if l2.lat is not None else l1.lat,
+            "lon": l2.lon if l2.lon is not None else l1.lon,
+            "crs": l2.crs or l1.crs,
+            "timestamps": {"s1": l1.times[pair.s1], "s2": l2.times[pair.s2]},
+            "s1_product": l1.file_ids[pair.s1],
+            "s2_product": l2.file_ids[pair.s2],
+            "pair_gap_days": pair.gap_days,
+            "s1_bands": list(self.s1_bands),
+            "s2_bands": list(self.s2_bands),
+            **self.sample_meta(it.refs["shard"]),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(s2_product=self.options.s2_product, s2_offset=self.s2_offset_note, layout=self.layout,
+                 pairing="members with the same key in the S1 and S2 tars of the same shard name")
+        return d
+
+
+def _by_key(index: Optional[TarIndex]) -> tuple[dict[str, tuple[MemberRef, bool]], list[tuple[str, MemberRef]]]:
+    """{key: (member, truncated)} in stored order, and the (path, member) of keys repeated later in the tar."""
+    out: dict[str, tuple[MemberRef, bool]] = {}
+    repeated: list[tuple[str, MemberRef]] = []
+    if index is not None:
+        for ref, bad in sorted([(m, False) for m in index.members] + [(m, True) for m in index.truncated],
+                               key=lambda p: p[0].offset):
+            if ref.key in out:
+                repeated.append((index.path, ref))
+            else:
+                out[ref.key] = (ref, bad)
+    return out, repeated
+
+
+def _same_location(a: WorkItem, b: WorkItem) -> bool:
+    return (a.refs["s1"], a.refs["o1"], a.refs["s2"], a.refs["o2"]) == (b.refs["s1"], b.refs["o1"], b.refs["s2"],
+                                                                        b.refs["o2"])
+
+
+class _OpenTars:
+    """The input tars a shard task reads from, each opened once (its items come shard by shard)."""
+
+    def __init__(self, fs):
+        self.fs = fs
+        self.files: dict[str, Any] = {}
+
+    def get(self, path: str):
+        if path not in self.files:
+            if len(self.files) >= 4:  # the items moved on to the next input shard
+                self.close()
+            self.files[path] = open_ranged(self.fs, path)
+        return self.files[path]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
