@@ -22,7 +22,7 @@ def write_report(out: Path, run_dir: Path, base_url: str, ranks: int, timings: l
         "store": base_url,
         "shards": {"ssl4eo": f"{base_url}/shards/ssl4eo", "bigearthnet": f"{base_url}/shards/bigearthnet"},
         "checkpoints": f"{base_url}/runs/pretrain",
-        "encoder": f"{base_url}/runs/pretrain/encoder.safetensors",
+        "encoder": f"{base_url}/runs/pretrain/encoder",
         "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "steps": rows[-1]["step"],
         "probe_pretrained": {k: pretrained[k] for k in ("map_macro", "map_micro", "f1")},
         "probe_random_init": {k: baseline[k] for k in ("map_macro", "map_micro", "f1")},

@@ -3,11 +3,12 @@
 - a training checkpoint folder with ``latest`` (`launch.training.checkpoint.find_latest`), or one
   of its ``step-N`` folders (`find_step` when remote): DeepSpeed's files of any ZeRO stage,
   downloaded with `fetch` when remote and consolidated by DeepSpeed's own ``zero_to_fp32``;
-- an exported ``encoder.safetensors`` or its folder (`launch.training.export.load_encoder`);
+- an export (`launch.training.export.load_encoder`): a Hub-format folder (``model.safetensors`` +
+  ``config.json``) or its weights file, or the older ``encoder.safetensors`` or its folder;
 - ``none``: the random-initialisation baseline, built from ``model.*`` of the eval config.
 
 The architecture comes with the weights (the client state's ``config.model``, or
-``encoder_config.json``), at this run's ``data.image_size`` and with its runtime switches;
+the export's config), at this run's ``data.image_size`` and with its runtime switches;
 before any weights are read it is checked against every split's shards (`check_model_fits`).
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -31,12 +31,12 @@ from launch.config import ConfigError, EvalConfig
 from launch.data.fit import check_model_fits
 from launch.distributed import Runtime
 from launch.training import checkpoint
-from launch.training.export import CONFIG as EXPORT_CONFIG
+from launch.training.export import HUB_WEIGHTS
 from launch.training.export import WEIGHTS as EXPORT_WEIGHTS
-from launch.training.export import load_encoder
+from launch.training.export import load_encoder, read_export_meta
 from model import FusMAE, FusMAEConfig
 from pipeline.manifest import Manifest
-from pipeline.storage import is_local, read_bytes, redact_url, url_to_fs
+from pipeline.storage import is_local, redact_url, url_to_fs
 
 log = logging.getLogger("launch.evaluation.pretrained")
 
@@ -45,7 +45,8 @@ MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_s
 RUNTIME_FIELDS = ("fused_attn", "grad_checkpointing")
 """FusMAEConfig fields that change how the network runs, not its weights: taken from the eval config."""
 HINT = ("expected a training checkpoint folder (with `latest`), one of its step-N folders, or an "
-        "exported encoder.safetensors (or its folder), or `none`")
+        "exported encoder (a folder with model.safetensors + config.json, or an older encoder.safetensors), "
+        "or `none`")
 
 
 @dataclass
@@ -92,23 +93,25 @@ def weights_digest(state: dict[str, Tensor]) -> str:
 # -- what eval.pretrained names ---------------------------------------------------------------
 
 
-def locate_pretrained(url: str, storage_options: Optional[dict[str, Any]] = None) -> str:
-    """What ``eval.pretrained`` names: checkpoint-dir (with ``latest``), checkpoint-step (a ``step-N``
-    folder or a folder of DeepSpeed files) or export (``encoder.safetensors`` or its folder)."""
+def locate_pretrained(url: str, storage_options: Optional[dict[str, Any]] = None,
+                      label: str = "eval.pretrained") -> str:
+    """What ``eval.pretrained`` (or ``label``, in the errors) names: checkpoint-dir (with ``latest``),
+    checkpoint-step (a ``step-N`` folder or a folder of DeepSpeed files) or export (a ``*.safetensors``
+    file, or a folder with ``model.safetensors`` or ``encoder.safetensors``)."""
     shown = redact_url(url)
     fs, path = url_to_fs(url, storage_options)
     path = path.rstrip("/")
     if not fs.exists(path):
-        raise ConfigError(f"eval.pretrained={shown}: not found ({HINT})")
+        raise ConfigError(f"{label}={shown}: not found ({HINT})")
     if path.endswith(".safetensors"):
         return "export"
     if fs.exists(f"{path}/{checkpoint.LATEST}"):
         return "checkpoint-dir"
     if path.rsplit("/", 1)[-1].startswith(checkpoint.STEP_PREFIX) or any(fs.exists(f"{path}/{f}") for f in MODEL_STATES):
         return "checkpoint-step"
-    if fs.exists(f"{path}/{EXPORT_WEIGHTS}"):
+    if fs.exists(f"{path}/{HUB_WEIGHTS}") or fs.exists(f"{path}/{EXPORT_WEIGHTS}"):
         return "export"
-    raise ConfigError(f"eval.pretrained={shown}: holds neither a checkpoint nor an exported encoder ({HINT})")
+    raise ConfigError(f"{label}={shown}: holds neither a checkpoint nor an exported encoder ({HINT})")
 
 
 def read_model_config(d: dict[str, Any], source: str) -> dict[str, Any]:
@@ -154,8 +157,8 @@ def _load_state(state_dict: dict[str, Tensor], net: FusMAE, source: str) -> None
 
 
 @contextlib.contextmanager
-def checkpoint_folder(url: str, kind: str, staging: str,
-                      storage_options: dict[str, Any]) -> Iterator[tuple[str, str]]:
+def checkpoint_folder(url: str, kind: str, staging: str, storage_options: dict[str, Any],
+                      label: str = "eval.pretrained") -> Iterator[tuple[str, str]]:
     """(a local folder holding ``<tag>/`` with DeepSpeed's files, the tag) for a checkpoint folder's
     ``latest`` or one step folder. Local checkpoints are read in place; remote ones are downloaded
     (checksums checked) only once every rank's record of the step is there."""
@@ -166,10 +169,10 @@ def checkpoint_folder(url: str, kind: str, staging: str,
         try:
             found = checkpoint.find_latest(url, storage_options)
         except (RuntimeError, ValueError, KeyError) as err:  # incomplete step, or not our `latest` pointer
-            raise ConfigError(f"eval.pretrained={shown}: not a usable training checkpoint folder "
+            raise ConfigError(f"{label}={shown}: not a usable training checkpoint folder "
                               f"({type(err).__name__}: {err})") from err
         if found is None:
-            raise ConfigError(f"eval.pretrained={shown}: no committed checkpoint there")
+            raise ConfigError(f"{label}={shown}: no committed checkpoint there")
         root, tag = path, found.tag
     else:  # one step folder: its parent holds <tag>/ as DeepSpeed expects
         root, _, tag = path.rpartition("/")
@@ -178,7 +181,7 @@ def checkpoint_folder(url: str, kind: str, staging: str,
             try:
                 found = checkpoint.find_step(url, storage_options)
             except FileNotFoundError as err:
-                raise ConfigError(f"eval.pretrained={shown}: {err}") from err
+                raise ConfigError(f"{label}={shown}: {err}") from err
     if is_local(fs):
         yield root, tag
         return
@@ -248,14 +251,11 @@ def load_pretrained(cfg: EvalConfig, manifests: dict[str, Manifest], rt: Runtime
 def _read_export(cfg: EvalConfig, manifests: dict[str, Manifest], out: dict[str, Any]) -> dict[str, Any]:
     e = cfg.eval
     shown = redact_url(e.pretrained)
-    fs, path = url_to_fs(e.pretrained, e.storage_options)
-    root = path.rstrip("/")
-    root = root.rsplit("/", 1)[0] if root.endswith(".safetensors") else root
     try:
-        meta = json.loads(read_bytes(fs, f"{root}/{EXPORT_CONFIG}"))
-    except FileNotFoundError as err:
-        raise ConfigError(f"eval.pretrained={shown}: no {EXPORT_CONFIG} beside the weights") from err
-    fields_ = read_model_config(meta.get("model", {}), shown)
+        meta = read_export_meta(e.pretrained, e.storage_options)  # either export format
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"eval.pretrained={shown}: {err}") from err
+    fields_ = read_model_config(meta["model"], shown)
     check_fits_every_split(build_model_config(fields_, cfg, shown), manifests, shown)  # before reading the weights
     net, _ = load_encoder(e.pretrained, e.storage_options)
     out["state"] = net.encoder_state_dict()

@@ -35,7 +35,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
     mirror = out / "s3-mirror"
     assert (mirror / "shards" / "ssl4eo" / "manifest.json").exists()
     assert json.loads((mirror / "runs" / "pretrain" / "latest").read_text())["step"] == 16
-    assert (mirror / "runs" / "pretrain" / "encoder.safetensors").exists()
+    assert (mirror / "runs" / "pretrain" / "encoder" / "model.safetensors").exists()
 
 
 def test_a_failing_stage_says_which_and_why(tmp_path):
