@@ -1,7 +1,7 @@
 """Bytes a linear probe reads from the training split at a small label fraction, measured at the store.
 
 The training split's shards sit on the local S3 endpoint (moto) behind a byte-counting
-proxy on loopback (`launch/demo/proxy.py`); validation and test are local folders. The
+proxy on loopback (`launch/demo/proxy.py`, `StoreProxy`); validation and test are local folders. The
 real command, ``python -m launch.eval`` with ``configs/eval/debug_linear.yaml`` and a
 randomly initialised encoder (``eval.pretrained=none``; the weights do not change what is
 read), runs at ``eval.label_fraction`` 1.0 and at the small fraction, each from a cold
@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from common import MB, ROOT, S3_ENV, hardware, markdown_table, moto_server, print_header, s3_bucket, write_json  # noqa: E402
-from launch.demo.proxy import CountingProxy  # noqa: E402
+from launch.demo.proxy import StoreProxy  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main() -> None:
             up = urlparse(endpoint)
             runs = [("label_fraction=1.0", "train", 1.0), (f"label_fraction={args.fraction}", "train", args.fraction),
                     (f"label_fraction={args.fraction}, no sample index", "train-no-index", args.fraction)]
-            with CountingProxy((up.hostname, up.port)) as proxy:
+            with StoreProxy((up.hostname, up.port)) as proxy:
                 env["AWS_ENDPOINT_URL"] = proxy.url
                 for name, folder, fraction in runs:
                     proxy.reset()

@@ -1,8 +1,10 @@
 """What the job CLIs share: ``--config RECIPE key=value ...``, the launcher's ``--local_rank``, exit codes.
 
-Exit codes: 0 done; 2 a configuration or usage problem (the message names the key),
-raised before any work or by the job itself as a ``ConfigError`` (or another error type
-the job declares as the user's to fix).
+Exit codes: 0 done; 2 a problem for the user to fix, named in the message: a configuration
+error (raised before any work or by the job as a ``ConfigError``), a folder another run
+holds (``LeaseHeld``), or another error type the job declares; 3 the store stayed
+unreachable for the whole retry window (``StorageUnavailable``; the last committed
+checkpoint is intact, resume with ``resume=auto``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def run_job(args: argparse.Namespace, load: Callable[[str, list[str]], Any], job
     ``user_errors``: exit 2 with the message; anything else propagates with its traceback)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from launch.config import ConfigError
+    from pipeline.lease import LeaseHeld
+    from pipeline.storage import StorageUnavailable
 
     try:
         cfg = load(args.config, args.overrides)
@@ -35,7 +39,10 @@ def run_job(args: argparse.Namespace, load: Callable[[str, list[str]], Any], job
         return 2
     try:
         job(cfg)
-    except (ConfigError, *user_errors) as err:
+    except (ConfigError, LeaseHeld, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except StorageUnavailable as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
     return 0

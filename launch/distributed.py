@@ -103,6 +103,15 @@ def hostname() -> str:
     return socket.gethostname()
 
 
+def node_id() -> str:
+    """This node of the job: host name and node rank (torchrun's GROUP_RANK, NODE_RANK, Slurm's SLURM_NODEID).
+
+    Two launchers on one host (a simulated multi-node run) are two nodes: per-node work such as
+    downloading a checkpoint must not share a folder between them."""
+    rank = next((os.environ[k] for k in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID") if k in os.environ), "0")
+    return f"{hostname()}-node{rank}"
+
+
 def device_name() -> Optional[str]:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 

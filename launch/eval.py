@@ -8,7 +8,7 @@
     torchrun --nproc_per_node 8 launch/eval.py --config configs/eval/bigearthnet_finetune.yaml eval.pretrained=...
 
 `eval.pretrained` is a training checkpoint folder (its `latest` step), one `step-N` folder, an exported
-`encoder.safetensors` (or its folder), or `none` for the random-initialisation baseline. Results go to
+encoder folder (`launch.export`, or an older `encoder.safetensors`), or `none` for the random-initialisation baseline. Results go to
 `<run.dir>/results.json` and a table on stdout; see the `launch.evaluation` package.
 """
 

@@ -4,7 +4,8 @@
 starts, `check_output` decides from it whether there is anything to do; after the shard
 tasks, `commit_split` combines their records in shard order (the same bytes whatever
 order the tasks finished in), checks that every input is accounted for, and writes the
-quarantine report and then the manifest.
+quarantine report and then the manifest; a split that wrote no sample gets the report
+and no manifest, and stops the job with the quarantine reasons counted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from typing import Any, Optional
 
 from pipeline.index import index_table, write_index
@@ -28,6 +30,7 @@ from pipeline.storage import (
     redact_argv,
     redact_url,
     retrying,
+    sha256_remote,
     url_to_fs,
     write_bytes_atomic,
 )
@@ -48,11 +51,18 @@ def check_output(settings: PreprocessSettings, split: str, out_url: str) -> Opti
         if not settings.overwrite:
             raise PreprocessError(f"{err}; choose another --output or pass --overwrite") from err
         existing = {}
-    if existing is not None:
-        if existing.get("fingerprint") == settings.job_fingerprint(split):
+    if existing is not None and existing.get("fingerprint") == settings.job_fingerprint(split):
+        damaged = damaged_shards(fs, root, existing, settings.verify_existing)
+        if not damaged:
             print(f"[{split}] {redact_url(out_url)} already holds a complete shard set for this invocation "
-                  f"({existing['totals']['samples']} samples in {existing['totals']['shards']} shards); nothing to do.")
+                  f"({existing['totals']['samples']} samples in {existing['totals']['shards']} shards, "
+                  f"checked by {settings.verify_existing}); nothing to do.")
             return existing
+        # Uncommit, then rebuild: the progress records' own checks redo exactly the damaged shards.
+        print(f"[{split}] {redact_url(out_url)}: the committed set has {len(damaged)} damaged or missing "
+              f"shard(s) ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}); rebuilding them")
+        retrying(fs.rm_file)(f"{root}/{MANIFEST}")
+    elif existing is not None:
         if not settings.overwrite:
             raise PreprocessError(
                 f"{redact_url(out_url)} already holds a shard set made with different settings; "
@@ -60,10 +70,24 @@ def check_output(settings: PreprocessSettings, split: str, out_url: str) -> Opti
             )
         retrying(fs.rm_file)(f"{root}/{MANIFEST}")  # the old set is no longer committed from here on
     check_writable(fs, root)
-    if is_local(fs):  # staging folders of shards a killed run was still writing
+    if is_local(fs):  # staging folders of shards a killed run was still writing (the lease makes them ours)
         for stale in fs.glob(f"{root}/{STAGING_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
     return None
+
+
+def damaged_shards(fs: Any, root: str, manifest: dict[str, Any], verify: str) -> list[str]:
+    """Names of the committed shards whose size (and, with ``verify`` 'sha256', content) no longer matches."""
+    bad = []
+    for shard in manifest.get("shards", []):
+        path = f"{root}/{shard['name']}"
+        try:
+            ok = fs.size(path) == shard["bytes"] and (verify != "sha256" or sha256_remote(fs, path) == shard["sha256"])
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            bad.append(shard["name"])
+    return bad
 
 
 def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[int, dict[str, Any]],
@@ -79,6 +103,8 @@ def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[in
                               f"{n_written} written, {len(rejections)} quarantined")
     quarantine = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejections).encode()
     write_bytes_atomic(fs, f"{root}/{QUARANTINE}", quarantine)
+    if n_written == 0:  # a set without samples is a failed run, not a finished one: no manifest
+        raise PreprocessError(empty_run_message(plan, rejections, join(out_url, QUARANTINE)))
     table = index_table(published)
     index = write_index(fs, root, table) if table is not None and published else None
 
@@ -102,6 +128,14 @@ def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[in
     print(f"[{plan.split}] wrote {n_written} samples in {len(published)} shards, quarantined {len(rejections)}, "
           f"manifest {redact_url(join(out_url, MANIFEST))}")
     return manifest
+
+
+def empty_run_message(plan: SplitPlan, rejections: list[dict[str, Any]], report_url: str) -> str:
+    """Why a split wrote nothing: every input quarantined, the reasons counted (most frequent first)."""
+    counts = Counter(r["reason"] for r in rejections)
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"[{plan.split}] no sample written: all {plan.input_samples} input samples were quarantined "
+            f"({reasons}); see {redact_url(report_url)}")
 
 
 def combined_stats(source: Source, records: list[dict[str, Any]]) -> dict[str, Any]:

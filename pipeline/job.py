@@ -28,7 +28,7 @@ from typing import Any, Optional
 from pipeline import __version__
 from pipeline.manifest import FORMAT_VERSION
 from pipeline.sources import SOURCES, Source, SourceOptions
-from pipeline.storage import redact, redact_url
+from pipeline.storage import CREDENTIALS_IN_URL, redact, redact_url
 
 QUARANTINE = "quarantine.jsonl"
 PROGRESS_DIR = "_progress"
@@ -93,12 +93,19 @@ class PreprocessSettings:
     """SSL4EO-S12 v1.1 Zarr: 'remove' the +1000 offset of the S2 values or 'keep' them raw."""
     max_nonfinite_fraction: float = 0.0
     """A sample with more non-finite pixels than this fraction (per modality) is quarantined."""
+    max_pair_gap_days: float = 45.0
+    """SSL4EO sources: S1/S2 acquisitions paired by date further apart than this (days) are quarantined
+    (temporal_mismatch). Generous: the releases pair acquisitions within days of each other."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Extra fsspec options for input and output; credentials here are never printed or written."""
     verify_existing: str = "sha256"
     """How a rerun checks a shard an earlier run left before reusing it: 'sha256' or 'size'."""
     overwrite: bool = False
     """Replace a shard set made with different settings (otherwise an error)."""
+    force: bool = False
+    """Take over the output's lease even when another run's heartbeat is fresh (it is known to be gone)."""
+    retry_window_s: float = 900.0
+    """How long storage calls retry transient errors (connection trouble, throttling, 5xx) before the job stops."""
     ray_address: Optional[str] = None
     """Ray cluster address; None: $RAY_ADDRESS, else an embedded local instance."""
     progress: bool = True
@@ -117,7 +124,11 @@ class PreprocessSettings:
             (self.s2_product in S2_PRODUCTS, f"--s2-product must be one of {', '.join(S2_PRODUCTS)}"),
             (self.s2_offset in S2_OFFSETS, f"--s2-offset must be one of {', '.join(S2_OFFSETS)}"),
             (0.0 <= self.max_nonfinite_fraction <= 1.0, "--max-nonfinite-fraction must be in [0, 1]"),
+            (0.0 < self.max_pair_gap_days < float("inf"), "--max-pair-gap-days must be a finite number > 0"),
             (self.verify_existing in VERIFY_MODES, f"--verify-existing must be one of {', '.join(VERIFY_MODES)}"),
+            (self.retry_window_s >= 0, f"--retry-window-s must be >= 0, got {self.retry_window_s}"),
+            (redact_url(self.input) == self.input, f"--input {redact_url(self.input)}: {CREDENTIALS_IN_URL}"),
+            (redact_url(self.output) == self.output, f"--output {redact_url(self.output)}: {CREDENTIALS_IN_URL}"),
         )
         for ok, message in checks:
             if not ok:
@@ -144,6 +155,7 @@ class PreprocessSettings:
             "s2_product": self.s2_product,
             "s2_offset": self.s2_offset,
             "max_nonfinite_fraction": self.max_nonfinite_fraction,
+            "max_pair_gap_days": self.max_pair_gap_days,
             "format_version": FORMAT_VERSION,
             "pipeline_version": __version__,
         }
@@ -153,7 +165,8 @@ class PreprocessSettings:
         return fingerprint(self.content(split))
 
     def source_options(self) -> SourceOptions:
-        return SourceOptions(self.s2_product, self.s2_offset, self.max_nonfinite_fraction, dict(self.storage_options))
+        return SourceOptions(self.s2_product, self.s2_offset, self.max_nonfinite_fraction, dict(self.storage_options),
+                             max_pair_gap_days=self.max_pair_gap_days)
 
     def source_spec(self) -> SourceSpec:
         return SourceSpec(self.source, self.input, self.source_options())
@@ -165,7 +178,7 @@ def _check_types(s: PreprocessSettings) -> None:
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise PreprocessError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
-    for name in ("shard_size_mb", "max_nonfinite_fraction"):
+    for name in ("shard_size_mb", "max_nonfinite_fraction", "max_pair_gap_days"):
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, Real):
             raise PreprocessError(f"--{name.replace('_', '-')} must be a number, got {value!r}")

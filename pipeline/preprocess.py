@@ -42,7 +42,8 @@ from pipeline.commit import check_output, commit_split
 from pipeline.job import S2_OFFSETS, S2_PRODUCTS, VERIFY_MODES, PreprocessError, PreprocessSettings, SourceSpec
 from pipeline.plan import plan_split
 from pipeline.sources import SOURCES, Source
-from pipeline.storage import check_writable, join, redact, redact_url, url_to_fs
+from pipeline.lease import Lease, LeaseHeld
+from pipeline.storage import StorageUnavailable, check_writable, join, redact, redact_url, set_retry_window, url_to_fs
 from pipeline.workers import init_ray, ray_map, run_shards
 
 __all__ = ["PreprocessError", "PreprocessSettings", "main", "parse_args", "run_job", "run_split"]
@@ -53,12 +54,14 @@ def run_split(settings: PreprocessSettings, spec: SourceSpec, source: Source, sp
     """Shard ``split`` of the archive into ``out_url`` (Ray initialised); returns the committed manifest's body.
 
     Raises PreprocessError for a problem with the invocation or the input."""
-    done = check_output(settings, split, out_url)
-    if done is not None:
-        return done
-    plan = plan_split(settings, source, split, out_url, ray_map)
-    records = run_shards(settings, spec, plan, out_url)
-    return commit_split(settings, plan, records, source, out_url).to_dict()
+    # One writer per output: taken before anything is written or cleaned, released after the commit.
+    with Lease(out_url, f"pipeline.preprocess --split {split}", settings.storage_options, force=settings.force):
+        done = check_output(settings, split, out_url)
+        if done is not None:
+            return done
+        plan = plan_split(settings, source, split, out_url, ray_map)
+        records = run_shards(settings, spec, plan, out_url)
+        return commit_split(settings, plan, records, source, out_url).to_dict()
 
 
 def run_job(settings: PreprocessSettings) -> int:
@@ -71,6 +74,8 @@ def run_job(settings: PreprocessSettings) -> int:
         available = source.available_splits()
     except FileNotFoundError as err:
         return _fail(redact(str(err)))
+    except PermissionError as err:  # refused credentials
+        return _fail(f"--input {redact_url(settings.input)}: access denied ({redact(str(err))}); check the credentials")
     except PreprocessError as err:
         return _fail(str(err))
     if settings.split == "all":
@@ -84,12 +89,18 @@ def run_job(settings: PreprocessSettings) -> int:
         check_writable(fs, root)
     except PermissionError as err:
         return _fail(str(err))
+    set_retry_window(settings.retry_window_s)  # this process, and through the environment its Ray workers
     init_ray(settings.ray_address, settings.workers)
     try:
         for split, out_url in targets:
             run_split(settings, spec, source, split, out_url)
-    except PreprocessError as err:
+    except (PreprocessError, LeaseHeld) as err:
         return _fail(str(err))
+    except StorageUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except FileNotFoundError as err:  # a source's planning found the split's files missing or incomplete
+        return _fail(redact(str(err)))
     return 0
 
 
@@ -116,10 +127,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="SSL4EO-S12 v1.1 Zarr: remove the +1000 offset of S2 values (default) or keep raw values")
     p.add_argument("--max-nonfinite-fraction", type=float,
                    help="quarantine a sample with more non-finite pixels than this fraction (default: any)")
+    p.add_argument("--max-pair-gap-days", type=float,
+                   help="SSL4EO sources: quarantine S1/S2 pairs further apart than this many days (default 45)")
     p.add_argument("--storage-options", help="JSON of extra fsspec options for input and output")
     p.add_argument("--verify-existing", choices=VERIFY_MODES,
                    help="how a rerun checks shards left by an earlier run before reusing them")
     p.add_argument("--overwrite", action="store_true", help="replace a shard set made with different settings")
+    p.add_argument("--force", action="store_true",
+                   help="take over the output's lease from a run that is gone but whose heartbeat is still fresh")
+    p.add_argument("--retry-window-s", type=float,
+                   help="seconds storage calls retry transient errors before the job stops (default 900)")
     p.add_argument("--ray-address", help="Ray cluster address, e.g. 'auto' on a cluster node "
                                          "(default: $RAY_ADDRESS, else an embedded local instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

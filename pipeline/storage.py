@@ -9,23 +9,19 @@ through `redact`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import re
+import time
 import uuid
 from typing import Any, Callable, Iterable, Optional, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from tenacity import (
-    before_sleep_log,
-    retry,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,17 +33,14 @@ _SECRET_FLAG = re.compile(r"^--?[\w-]*(secret|password|token|credential|key)[\w-
 REDACTED = "***"
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]*)@")
+
+
 def redact_url(url: str) -> str:
-    """Remove user:password@ from a URL, keep the rest."""
-    if "@" not in url or "://" not in url:
+    """Remove ``user:password@`` from every URL in ``url`` (a URL, a path, or a message holding some)."""
+    if "@" not in url:
         return url
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{REDACTED}@{host}", parts.path, parts.query, parts.fragment))
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", url)
 
 
 def redact(obj: Any) -> Any:
@@ -99,33 +92,100 @@ def redact_argv(argv: Iterable[str]) -> list[str]:
     return out
 
 
-def _is_transient(err: BaseException) -> bool:
-    """Errors worth retrying: network hiccups, throttling, 5xx; not missing files or bad requests."""
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+RETRY_WINDOW_ENV = "FUSMAE_RETRY_WINDOW_S"
+DEFAULT_RETRY_WINDOW_S = 900.0
+"""How long a storage call keeps retrying transient errors before the run stops (15 minutes)."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The store kept failing with transient errors for the whole retry window: the run stops (nothing skipped)."""
+
+
+def retry_window_s() -> float:
+    """The retry window in force: `set_retry_window`, else ``$FUSMAE_RETRY_WINDOW_S``, else 900 s."""
+    try:
+        return float(os.environ.get(RETRY_WINDOW_ENV, DEFAULT_RETRY_WINDOW_S))
+    except ValueError:
+        return DEFAULT_RETRY_WINDOW_S
+
+
+def set_retry_window(seconds: float) -> None:
+    """Set the window for this process and every process it starts (loader workers, ranks, Ray tasks read it)."""
+    if seconds < 0:
+        raise ValueError(f"the retry window must be >= 0 s, got {seconds}")
+    os.environ[RETRY_WINDOW_ENV] = repr(float(seconds))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Errors worth retrying: network trouble, timeouts, throttling (503 SlowDown), 5xx.
+
+    Not missing objects, bad requests, refused credentials, or content problems."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                        StorageUnavailable)):
         return False
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
     text = f"{type(err).__name__} {err}".lower()
     return any(
         s in text
-        for s in ("timeout", "timed out", "connection", "throttl", "slowdown", "slow down", "503", "500",
-                  "internal error", "service unavailable", "reset by peer", "temporarily")
+        for s in ("timeout", "timed out", "connection", "throttl", "slowdown", "slow down", "503", "500", "502",
+                  "504", "internal error", "service unavailable", "bad gateway", "reset by peer", "temporarily",
+                  "server disconnected", "broken pipe", "endpoint url", "could not connect")
     )
 
 
-def retrying(fn: Callable[..., T], attempts: int = 5) -> Callable[..., T]:
-    """Wrap a storage call so transient errors are retried with exponential back-off."""
-    return retry(
-        retry=retry_if_exception(_is_transient),
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=0.2, max=10),
-        before_sleep=before_sleep_log(log, logging.WARNING),
-        reraise=True,
-    )(fn)
+def _entering(state: RetryCallState) -> None:
+    if state.attempt_number == 1:
+        err = state.outcome.exception() if state.outcome else None
+        log.warning("storage: %s failed (%s); retrying for up to %.0f s", _name(state.fn),
+                    redact_url(f"{type(err).__name__}: {err}"), retry_window_s())
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a storage call so transient errors are retried with jittered exponential back-off for up to the
+    retry window (`retry_window_s`); a log line when the window is entered and one when it is left. After the
+    window: `StorageUnavailable` naming the call and the last error. Other errors propagate at once."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        t0 = time.monotonic()
+        retryer = Retrying(retry=retry_if_exception(is_transient), stop=stop_after_delay(retry_window_s()),
+                           wait=wait_random_exponential(multiplier=0.2, max=20), before_sleep=_entering)
+        try:
+            result = retryer(fn, *args, **kwargs)
+        except RetryError as err:
+            last = err.last_attempt.exception()
+            where = redact_url(" ".join(str(a) for a in args[:1]))
+            raise StorageUnavailable(
+                f"storage unreachable for {time.monotonic() - t0:.0f} s (the retry window is {retry_window_s():.0f} s;"
+                f" {RETRY_WINDOW_ENV} or the storage settings change it): {_name(fn)} {where}: "
+                f"{redact_url(f'{type(last).__name__}: {last}')}") from last
+        attempts = retryer.statistics.get("attempt_number", 1)
+        if attempts > 1:
+            log.warning("storage: %s succeeded again after %d attempts in %.1f s", _name(fn), attempts,
+                        time.monotonic() - t0)
+        return result
+
+    return call
+
+
+CREDENTIALS_IN_URL = ("credentials inside a URL are not used (and would be printed by the tools on the way); give "
+                      "them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile, or "
+                      "storage options")
+
+
+class CredentialsInURL(ValueError):
+    """A URL with ``user:password@`` where the store takes credentials another way."""
 
 
 def url_to_fs(url: str, storage_options: Optional[dict[str, Any]] = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path within it for ``url``."""
+    """The filesystem and the path within it for ``url``; a URL carrying credentials is refused (named redacted)."""
+    if redact_url(url) != url and not url.startswith(("http://", "https://")):
+        raise CredentialsInURL(f"{redact_url(url)}: {CREDENTIALS_IN_URL}")
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 

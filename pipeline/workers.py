@@ -20,7 +20,7 @@ from pipeline.plan import ShardTask, SplitPlan
 from pipeline.shards import Sample, ShardWriter
 from pipeline.sources import Rejection, Source
 from pipeline.stats import BandMoments
-from pipeline.storage import is_local, put_atomic, url_to_fs, write_bytes_atomic
+from pipeline.storage import RETRY_WINDOW_ENV, is_local, put_atomic, retry_window_s, url_to_fs, write_bytes_atomic
 
 
 def init_ray(address: Optional[str], workers: int) -> None:
@@ -30,10 +30,13 @@ def init_ray(address: Optional[str], workers: int) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # The job's workers see the storage retry window this driver runs with (on a cluster they do not
+    # inherit the driver's environment).
+    runtime_env = {"env_vars": {RETRY_WINDOW_ENV: repr(retry_window_s())}}
     if address:  # an existing cluster (`ray submit` sets RAY_ADDRESS=auto through the cluster YAML)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:  # the embedded default: a local instance sized to --workers
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
 
 
 def ray_map(fn: Callable, args: Sequence) -> list:

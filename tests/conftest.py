@@ -71,3 +71,36 @@ def torchrun(ranks: int, script: str, *args: str, env: dict | None = None, check
     """``torchrun --nproc_per_node N <script> args...``, as a user runs it; stdout/stderr captured."""
     cmd = launchers.torchrun_command(ranks, ROOT / script, args)
     return _checked(launchers.run_captured(cmd, timeout, launchers.training_env(**(env or {}))), "torchrun", check)
+
+
+@pytest.fixture
+def store_proxy(s3_endpoint):
+    """A `StoreProxy` (byte counts, outages, resets, 503 SlowDown) on loopback in front of the moto server."""
+    from urllib.parse import urlparse
+
+    from launch.demo.proxy import StoreProxy
+
+    up = urlparse(s3_endpoint)
+    with StoreProxy((up.hostname, up.port)) as proxy:
+        yield proxy
+
+
+def bigearthnet_shards(root: Path, n_patches: int, seed: int, size: int = 48) -> Path:
+    """A synthetic BigEarthNet v2 archive (published layout) sharded by the real pipeline, every split;
+    returns the folder holding train/, validation/ and test/."""
+    from pipeline import synthetic
+
+    synthetic.make_bigearthnet(str(root / "archive"), n_patches=n_patches, size=size, seed=seed)
+    run_module("pipeline.preprocess", "--no-progress", "--source", "bigearthnet", "--input", str(root / "archive"),
+               "--output", str(root / "shards"), "--split", "all", "--workers", "1")
+    return root / "shards"
+
+
+def ssl4eo_shards(root: Path, seed: int = 11) -> Path:
+    """A small SSL4EO-S12 Zarr archive sharded by the real pipeline: 24 samples in shards of 5, 5, 5, 5, 4."""
+    from pipeline import synthetic
+
+    synthetic.make_ssl4eo_zarr(str(root / "archive"), splits={"train": 2}, samples_per_file=3, size=48, seed=seed)
+    run_module("pipeline.preprocess", "--no-progress", "--source", "ssl4eo-zarr", "--input", str(root / "archive"),
+               "--output", str(root / "shards"), "--workers", "1", "--samples-per-shard", "5")
+    return root / "shards"

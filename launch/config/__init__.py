@@ -6,7 +6,7 @@
 - `evaluation`: `EvalConfig` (linear probing and fine-tuning).
 """
 
-from launch.config.base import ConfigError, DataConfig, RunConfig, load_config, save_config
+from launch.config.base import ConfigError, DataConfig, RunConfig, StorageConfig, load_config, save_config
 from launch.config.evaluation import EvalConfig, EvalDataConfig, ProtocolConfig, load_eval_config
 from launch.config.pretrain import (
     CheckpointConfig,
@@ -18,6 +18,6 @@ from launch.config.pretrain import (
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "EvalConfig", "EvalDataConfig",
-    "PretrainConfig", "ProtocolConfig", "RunConfig", "TrainConfig", "deepspeed_config", "load_config",
+    "PretrainConfig", "ProtocolConfig", "RunConfig", "StorageConfig", "TrainConfig", "deepspeed_config", "load_config",
     "load_eval_config", "save_config",
 ]

@@ -17,7 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import DECODER_PRESETS, ENCODER_PRESETS
-from pipeline.storage import redact
+from pipeline.storage import CREDENTIALS_IN_URL, redact, redact_url
 
 PRESET_FIELDS = sorted({k for p in (ENCODER_PRESETS, DECODER_PRESETS) for v in p.values() for k in v})
 
@@ -64,6 +64,18 @@ class DataConfig:
 
 
 @dataclass
+class StorageConfig:
+    retry_window_s: float = 900.0
+    """How long a storage call (shard reads, checkpoint uploads, pointers) retries transient errors
+    (connection trouble, timeouts, throttling, 5xx) before the run stops with the last error; the
+    run's last committed checkpoint stays intact. One setting for the loader and checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.retry_window_s < 0:
+            raise ValueError(f"storage.retry_window_s: must be >= 0, got {self.retry_window_s}")
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     """Local folder for the run's outputs: metrics.jsonl and pictures (pretraining), results.json, feature
@@ -74,6 +86,21 @@ def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
     return f"{key}: {msg}" if key else msg
+
+
+def _refuse_secret(item: str) -> None:
+    """A credential given as a command-line override is refused: launchers print their arguments and every
+    process list shows them, so it would leak before this project could redact it."""
+    key, _, value = item.partition("=")
+    try:
+        plain = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException:
+        return
+    if redact(plain) != plain or "://" in value and redact(value) != value:
+        raise ConfigError(f"override {key}=***: credentials are not accepted on the command line (a launcher "
+                          "prints its arguments and the process list shows them); give them through the "
+                          "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile "
+                          f"(storage_options.profile), or the YAML file ({key.split('.')[0]}.storage_options)")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, schema: Optional[type] = None):
@@ -104,6 +131,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
+        _refuse_secret(item)
     try:
         layers.append(OmegaConf.from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
@@ -119,7 +147,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from err
     assert isinstance(cfg, schema)
+    for key, value in _strings(asdict(cfg)):
+        if "://" in value and redact_url(value) != value and not value.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: {key}={redact_url(value)}: {CREDENTIALS_IN_URL}")
     return cfg
+
+
+def _strings(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every string in a nested dict."""
+    if isinstance(d, dict):
+        return [kv for k, v in d.items() for kv in _strings(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), d)] if isinstance(d, str) else []
 
 
 def save_config(cfg: Any, path: str) -> None:

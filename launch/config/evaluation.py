@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from launch.config.base import DataConfig, RunConfig, Schema, load_config
+from launch.config.base import DataConfig, RunConfig, Schema, StorageConfig, load_config
 from model.config import FusMAEConfig
 
 PROTOCOLS = ("linear", "finetune")
@@ -59,7 +59,7 @@ class EvalDataConfig(DataConfig):
 class ProtocolConfig:
     pretrained: str = MISSING
     """A training checkpoint folder (with `latest`), one of its `step-N` folders, an exported
-    `encoder.safetensors` (or its folder), local or any fsspec URL; `none`: random initialisation."""
+    encoder folder (or an older `encoder.safetensors`), local or any fsspec URL; `none`: random initialisation."""
     protocol: str = "linear"
     """linear: frozen encoder, linear head on cached pooled features; finetune: the whole network."""
     label_fraction: float = 1.0
@@ -153,6 +153,7 @@ class EvalConfig(Schema):
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     model: FusMAEConfig = field(default_factory=FusMAEConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/eval"))
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         e = self.eval

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from launch.config.base import DataConfig, RunConfig, Schema
+from launch.config.base import DataConfig, RunConfig, Schema, StorageConfig
 from model.config import FusMAEConfig
 
 
@@ -58,6 +58,9 @@ class CheckpointConfig:
     keep: int = 3
     """Committed checkpoints kept; older ones are deleted only after a newer one is committed."""
     storage_options: dict[str, Any] = field(default_factory=dict)
+    force_lease: bool = False
+    """Take over checkpoint.dir from another run whose lease is still fresh (it is known to be gone). A run
+    holds the folder's lease while it trains: a second run on the same folder is refused."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
@@ -93,6 +96,7 @@ class PretrainConfig(Schema):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     resume: str = "none"
     """none: start fresh; auto: newest committed checkpoint in checkpoint.dir, else fresh; or a checkpoint URL."""
 
@@ -104,6 +108,9 @@ class PretrainConfig(Schema):
         self.model.img_size = self.data.image_size
         if self.resume == "auto" and not self.checkpoint.dir:
             raise ValueError("resume: 'auto' needs checkpoint.dir")
+        if self.resume not in ("none", "auto") and "/" not in self.resume:
+            raise ValueError(f"resume: {self.resume!r} is neither none, auto nor a checkpoint URL "
+                             "(a checkpoint folder or one of its step-N folders)")
 
 
 def deepspeed_config(cfg: PretrainConfig, world_size: int, has_gpu: bool) -> dict[str, Any]:

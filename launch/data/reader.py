@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import tarfile
 import time
 import uuid
@@ -31,8 +32,8 @@ import numpy as np
 from torch.utils.data import get_worker_info
 
 from pipeline.manifest import ShardInfo
-from pipeline.shards import MEMBERS, iter_samples, npy_view
-from pipeline.storage import redact_url, retrying, url_to_fs
+from pipeline.shards import MEMBERS, ShardFormatError, iter_samples, npy_view
+from pipeline.storage import StorageUnavailable, is_transient, redact_url, retry_window_s, retrying, url_to_fs
 
 try:  # POSIX file locks keep two workers of one node from downloading the same shard twice
     import fcntl
@@ -41,6 +42,11 @@ except ImportError:  # pragma: no cover - not Linux: duplicate downloads are har
 
 log = logging.getLogger("launch.data.reader")
 
+
+class ShardError(Exception):
+    """A shard that does not match the format or the manifest (skipped, never retried)."""
+
+
 DEFAULT_BLOCK_SIZE = 16 << 20
 """Read-ahead of a shard read sequentially: ~8 samples of 2 MB per range request."""
 SPARSE_BLOCK_SIZE = 64 << 10
@@ -48,11 +54,9 @@ SPARSE_BLOCK_SIZE = 64 << 10
 HEADER_BLOCK_SIZE = 1 << 10
 """Read-ahead of a metadata-only pass (headers and json members; the arrays are skipped)."""
 MID_STREAM_RETRIES = 2
-"""Reopen a shard at the current sample after this many I/O errors before giving it up."""
-
-
-class ShardError(Exception):
-    """A shard that does not match the format or the manifest (skipped, never retried)."""
+"""Reopen a shard at the current sample after this many non-transient I/O errors before giving it up."""
+CONTENT_ERRORS = (ShardError, ShardFormatError, tarfile.TarError, ValueError, KeyError, EOFError, FileNotFoundError,
+                  PermissionError, StopIteration)
 
 
 class RawSample(NamedTuple):
@@ -155,34 +159,57 @@ class ShardReader:
             p += 1
 
     def segment(self, index: int, first: int, count: int) -> Iterator[Optional[RawSample]]:
-        """Slots [first, first + count) of shard ``index``; after a failure, None for each remaining slot."""
+        """Slots [first, first + count) of shard ``index``; after a content error, None for each remaining slot.
+
+        Transient storage errors (connection trouble, timeouts, throttling, 5xx) reopen the shard at the
+        sample it was at, for up to the retry window, and then stop the run (`StorageUnavailable`): an
+        outage never turns into skipped data. Other I/O errors reopen it a few times and are then treated
+        as content errors."""
         shard = self.spec.shards[index]
-        done, attempts = 0, 0
+        done, attempts, outage = 0, 0, None
         samples = self._samples(index, first, count)
         try:
             while done < count:
                 try:
                     raw = next(samples)
-                except (ShardError, tarfile.TarError, ValueError, KeyError, EOFError, FileNotFoundError,
-                        PermissionError, StopIteration) as err:
+                except StorageUnavailable as err:  # a storage call already waited out the whole window: stop
+                    raise StorageUnavailable(f"reading {redact_url(shard.url)} (rank {self.spec.rank}): {err}") from err
+                except CONTENT_ERRORS as err:
                     self._give_up(shard, err, count - done)
                     break
                 except Exception as err:  # noqa: BLE001 - I/O trouble: reopen at the sample we were at
-                    attempts += 1
-                    if attempts > MID_STREAM_RETRIES:
+                    if is_transient(err):
+                        outage = outage or time.monotonic()
+                        self._wait_out(shard, err, outage, attempts)
+                    elif attempts >= MID_STREAM_RETRIES:
                         self._give_up(shard, err, count - done)
                         break
+                    attempts += 1
                     log.debug("retrying %s at sample %d: %s", redact_url(shard.url), first + done, err)
-                    time.sleep(0.5 * attempts)
                     samples.close()
                     samples = self._samples(index, first + done, count - done)
                     continue
+                if outage is not None:
+                    self.warn(f"reading {redact_url(shard.url)} again after {time.monotonic() - outage:.0f} s")
+                    outage, attempts = None, 0
                 done += 1
                 yield raw
         finally:
             samples.close()
         for _ in range(count - done):
             yield None
+
+    def _wait_out(self, shard: ShardInfo, err: BaseException, since: float, attempts: int) -> None:
+        """Sleep before the next attempt of an outage that began at ``since``; past the window, stop the run."""
+        window = retry_window_s()
+        waited = time.monotonic() - since
+        shown = redact_url(f"{type(err).__name__}: {err}")
+        if waited > window:
+            raise StorageUnavailable(f"{redact_url(shard.url)} (rank {self.spec.rank}): unreachable for "
+                                     f"{waited:.0f} s, longer than the retry window ({window:.0f} s): {shown}")
+        if attempts == 0:
+            self.warn(f"storage trouble reading {redact_url(shard.url)}: {shown}; retrying for up to {window:.0f} s")
+        time.sleep(min(20.0, 0.2 * 2 ** min(attempts, 7)) * random.uniform(0.5, 1.0))
 
     def _give_up(self, shard: ShardInfo, err: BaseException, lost: int) -> None:
         self.skipped_shards += 1

@@ -79,6 +79,9 @@ def load_manifests(cfg: EvalConfig) -> dict[str, Manifest]:
             out[split] = load_manifest(url, d.storage_options)
         except (FileNotFoundError, ValueError) as err:  # ManifestError is a ValueError
             raise ConfigError(f"data.{split}_manifest: {err}") from err
+        except PermissionError as err:  # refused credentials
+            raise ConfigError(f"data.{split}_manifest={redact_url(url)}: access denied "
+                              f"({redact_url(str(err))}); check the credentials") from err
     return out
 
 

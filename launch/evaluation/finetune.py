@@ -46,6 +46,7 @@ RESUME_IGNORED = {
              "storage_options", "eval_batch_size"),
     "data": ("num_workers", "cache_dir", "storage_options"),
     "run": ("dir",),
+    "storage": ("retry_window_s",),
 }
 
 

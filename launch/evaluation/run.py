@@ -20,7 +20,7 @@ from launch.evaluation.finetune import FineTuner
 from launch.evaluation.linear_probe import LinearProbe
 from launch.evaluation.metrics import format_table
 from launch.evaluation.pretrained import RUNTIME_FIELDS, Pretrained, load_pretrained
-from pipeline.storage import redact_url, url_to_fs, write_bytes_atomic
+from pipeline.storage import redact_url, set_retry_window, url_to_fs, write_bytes_atomic
 
 RESULTS = "results.json"
 
@@ -65,6 +65,7 @@ def evaluate(cfg: EvalConfig, memory: Optional[MemoryCache] = None) -> Optional[
     """Run the evaluation ``cfg`` describes; returns the results document on rank 0 (None elsewhere, and
     for a fine-tuning run stopped by eval.stop_at_epoch). Writes ``<run.dir>/results.json`` (atomically)
     and prints a table. ``memory``: where split outputs are kept between calls (default: this process's)."""
+    set_retry_window(cfg.storage.retry_window_s)
     rt = Runtime.start(always=False)
     torch.manual_seed(cfg.eval.seed)
     np.random.seed(cfg.eval.seed)

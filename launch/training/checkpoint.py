@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from launch.config import ConfigError
 from pipeline.storage import put_atomic, read_bytes, redact_url, retrying, sha256_file, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger("launch.training.checkpoint")
@@ -56,10 +57,14 @@ class Committed:
 # -- the commit protocol ----------------------------------------------------------------------
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint folder that cannot be used as asked (named in the message): exit code 2."""
+
+
 def rank_records(fs: Any, root: str, tag: str) -> Optional[list[dict[str, Any]]]:
     """The rank records of ``tag``; None when it has none."""
     try:
-        paths = fs.ls(f"{root}/{tag}/{RANKS_DIR}", detail=False, refresh=True)
+        paths = retrying(fs.ls)(f"{root}/{tag}/{RANKS_DIR}", detail=False, refresh=True)
     except FileNotFoundError:
         return None
     return [json.loads(read_bytes(fs, p)) for p in paths if p.endswith(".json")]
@@ -95,7 +100,7 @@ def is_complete(fs: Any, root: str, tag: str, run_id: Optional[str]) -> bool:
     for rec in records:
         for f in rec["files"]:
             try:
-                if fs.size(f"{root}/{tag}/{f['name']}") != f["bytes"]:
+                if retrying(fs.size)(f"{root}/{tag}/{f['name']}") != f["bytes"]:
                     return False
             except FileNotFoundError:
                 return False
@@ -124,7 +129,7 @@ def commit(fs: Any, root: str, tag: str, run_id: str, pointer: dict[str, Any], k
 def tags(fs: Any, root: str, prefix: str = STEP_PREFIX) -> list[str]:
     """Checkpoint folders under ``root`` (committed or not), oldest first."""
     try:
-        entries = fs.ls(root, detail=False, refresh=True)
+        entries = retrying(fs.ls)(root, detail=False, refresh=True)
     except FileNotFoundError:
         return []
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries if p.rstrip("/").rsplit("/", 1)[-1].startswith(prefix))
@@ -145,18 +150,37 @@ def prune(fs: Any, root: str, newest: str, keep: int) -> None:
 
 
 def find_latest(url: str, storage_options: Optional[dict[str, Any]] = None) -> Optional[Committed]:
-    """The checkpoint ``<url>/latest`` names, verified complete; None when there is no ``latest``."""
+    """The checkpoint ``<url>/latest`` names, verified complete; None when the folder has no ``latest``.
+
+    A ``latest`` that is unreadable, or names a checkpoint whose files are incomplete, is reported with a
+    warning naming it, and the newest complete checkpoint in the folder is used instead; with none,
+    `CheckpointError`."""
     fs, root = url_to_fs(url, storage_options or {})
     root = root.rstrip("/")
+    shown = f"{redact_url(url.rstrip('/'))}/{LATEST}"
     try:
         pointer = json.loads(read_bytes(fs, f"{root}/{LATEST}"))
+        tag = pointer["tag"]
     except FileNotFoundError:
         return None
-    tag = pointer["tag"]
+    except (ValueError, KeyError, TypeError) as err:
+        return _newest_complete(fs, root, url, f"{shown} is unreadable ({type(err).__name__}: {err})")
     if not is_complete(fs, root, tag, pointer.get("run_id")):
-        raise RuntimeError(f"{redact_url(url)}/{LATEST} names {tag}, but its files are incomplete")
+        return _newest_complete(fs, root, url, f"{shown} names {tag}, but its files are incomplete")
     return Committed(url.rstrip("/"), tag, int(pointer.get("step", pointer.get("epoch", 0))),
                      int(pointer["world_size"]), int(pointer.get("zero_stage", 0)), pointer.get("run_id", ""))
+
+
+def _newest_complete(fs: Any, root: str, url: str, problem: str) -> Committed:
+    for tag in reversed(tags(fs, root, STEP_PREFIX) + tags(fs, root, "epoch-")):
+        records = rank_records(fs, root, tag)
+        if records and is_complete(fs, root, tag, records[0]["run_id"]):
+            log.warning("%s; using the newest complete checkpoint, %s", problem, tag)
+            r = records[0]
+            return Committed(url.rstrip("/"), tag, int(r.get("step", r.get("epoch", 0))), int(r["world_size"]),
+                             int(r.get("zero_stage", 0)), r["run_id"])
+    raise CheckpointError(f"{problem}, and the folder holds no other complete checkpoint: resume elsewhere, "
+                          "or start fresh in another checkpoint.dir")
 
 
 def find_step(url: str, storage_options: Optional[dict[str, Any]] = None) -> Committed:
@@ -193,7 +217,11 @@ def fetch(ckpt: Committed, dest: str, storage_options: Optional[dict[str, Any]] 
     local = os.path.join(dest, ckpt.tag)
     shutil.rmtree(local, ignore_errors=True)
     os.makedirs(local, exist_ok=True)
-    for rec in rank_records(fs, root, ckpt.tag) or []:
+    records = rank_records(fs, root, ckpt.tag)
+    if not records or len(records) != records[0]["world_size"]:
+        raise CheckpointError(f"{redact_url(ckpt.url)}/{ckpt.tag}: its rank records are missing (found "
+                              f"{len(records or [])}); it was never complete and is not loaded")
+    for rec in records:
         for f in rec["files"]:
             path = os.path.join(local, f["name"])
             retrying(fs.get_file)(f"{root}/{ckpt.tag}/{f['name']}", path)

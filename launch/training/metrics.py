@@ -82,13 +82,21 @@ class MetricsLogger:
         ])
         self._sums = vals if self._sums is None else self._sums + vals
 
-    def log(self, step: int, lr: float, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """Reduce across ranks, check finiteness, write the line. Collective: call on every rank."""
+    def log(self, step: int, lr: float, extra: Optional[dict[str, Any]] = None,
+            summed: Optional[dict[str, float]] = None) -> dict[str, Any]:
+        """Reduce across ranks, check finiteness, write the line. Collective: call on every rank.
+
+        ``extra``: values of rank 0 written as they are; ``summed``: this rank's counts (e.g. skipped shards),
+        written as their sum over every rank (reduced with the losses, one collective)."""
         assert self._sums is not None, "log() before any accumulate()"
-        sums = self._sums.clone()
+        names = sorted(summed or {})
+        counts = torch.tensor([float((summed or {})[k]) for k in names], device=self._sums.device)
+        sums = torch.cat([self._sums, counts])
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(sums)
-        loss, l1, l2, nonfinite, count = sums.tolist()
+        values = sums.tolist()
+        loss, l1, l2, nonfinite, count = values[:5]
+        totals = {k: int(v) for k, v in zip(names, values[5:])}
         self._sums = None
         now = time.time()
         steps_done = step - self._step0
@@ -113,6 +121,7 @@ class MetricsLogger:
         if self.flops_per_sample and self.peak:
             row["mfu"] = rate * self.flops_per_sample / (self.peak * self.world_size)
         row.update(extra or {})
+        row.update(totals)
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -25,14 +25,16 @@ from launch.data.fit import check_model_fits
 from launch.data.loader import LoaderSettings, PassLoader, ShardLoader
 from launch.training import checkpoint
 from launch.training.checkpoint import CheckpointWriter, Committed
-from launch.training.export import export_encoder
+from launch.training.export import FOLDER as EXPORT_FOLDER
+from launch.training.export import export_pretrained, hub_config
 from launch.training.metrics import MetricsLogger
 from launch.training.pictures import save_reconstructions
 from launch.training.schedule import decay_groups, warmup_cosine
 from model import FusMAE
 from model.flops import estimate_flops_per_sample
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import load_manifest
-from pipeline.storage import redact_url
+from pipeline.storage import join, redact_url, set_retry_window
 
 log = logging.getLogger("launch.training.trainer")
 
@@ -40,6 +42,7 @@ log = logging.getLogger("launch.training.trainer")
 class Trainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
+        set_retry_window(cfg.storage.retry_window_s)  # this rank, its loader workers and upload threads
         self.rt = distributed.Runtime.start()
         self.rank, self.world_size, self.local_rank = self.rt.rank, self.rt.world_size, self.rt.local_rank
         self.has_gpu = torch.cuda.is_available()
@@ -49,7 +52,7 @@ class Trainer:
         if self.rank == 0:
             save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
 
-        self.manifest = load_manifest(cfg.data.manifest, cfg.data.storage_options)
+        self.manifest = self._manifest()
         check_model_fits(cfg.model, self.manifest, "model.*", image_size=cfg.data.image_size)
         self.model = FusMAE(cfg.model)
 
@@ -60,7 +63,9 @@ class Trainer:
             self.writer = CheckpointWriter(cfg.checkpoint.dir, os.path.join(cfg.run.dir, "staging"), self.rank,
                                            self.world_size, cfg.checkpoint.keep, self.run_id,
                                            cfg.checkpoint.storage_options)
-        self.resume_from: Optional[Committed] = self.rt.on_main(self._resolve_resume, expected=(ConfigError,))
+        self.lease: Optional[Lease] = None
+        self.resume_from: Optional[Committed] = self.rt.on_main(self._take_folder_and_resolve,
+                                                                expected=(ConfigError, LeaseHeld))
         universal = bool(self.resume_from and self.resume_from.world_size != self.world_size)
 
         self.engine, self.optimizer, self.scheduler = self._engine(universal)
@@ -71,7 +76,6 @@ class Trainer:
                                   world_size=self.world_size, micro_batch_size=t.micro_batch_size, seed=t.seed)
         self.augment = DeviceAugment.for_manifest(self.manifest, d.image_size).to(self.device)
         self.step = 0
-        self.skipped = 0
         if self.resume_from is not None:
             self._load(universal)
         self.samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
@@ -83,6 +87,17 @@ class Trainer:
         self._picture_batch = self._fixed_batch()
 
     # ------------------------------------------------------------------ setup
+    def _manifest(self):
+        """The training shard set's manifest; a missing, unreadable or refused one is a clear ConfigError."""
+        url = self.cfg.data.manifest
+        try:
+            return load_manifest(url, self.cfg.data.storage_options)
+        except (FileNotFoundError, ValueError) as err:  # ManifestError is a ValueError
+            raise ConfigError(f"data.manifest: {err}") from err
+        except PermissionError as err:
+            raise ConfigError(f"data.manifest={redact_url(url)}: access denied ({redact_url(str(err))}); "
+                              "check the credentials") from err
+
     def _engine(self, universal: bool) -> tuple[Any, Any, Any]:
         """The DeepSpeed engine, its optimizer (AdamW, no decay on tokens, norms and biases) and the schedule."""
         import deepspeed
@@ -106,6 +121,14 @@ class Trainer:
         )
         return engine, optimizer, scheduler
 
+    def _take_folder_and_resolve(self) -> Optional[Committed]:
+        """Rank 0 only: the lease of checkpoint.dir (one training run per folder), then what to resume from."""
+        ckpt = self.cfg.checkpoint
+        if ckpt.dir:
+            self.lease = Lease(ckpt.dir, f"launch/train.py run {self.run_id[:12]}", ckpt.storage_options,
+                               force=ckpt.force_lease).acquire()
+        return self._resolve_resume()
+
     def _resolve_resume(self) -> Optional[Committed]:
         """Rank 0 only: the checkpoint to load, after cleaning what an interrupted run left behind."""
         cfg = self.cfg
@@ -128,9 +151,9 @@ class Trainer:
 
     def _load(self, universal: bool) -> None:
         ckpt = self.resume_from
-        # One process per host downloads the checkpoint (ZeRO loading reads every rank's partition files);
+        # One process per node downloads the checkpoint (ZeRO loading reads every rank's partition files);
         # at another world size it also converts it to DeepSpeed's universal format. The others wait.
-        folder = os.path.join(self.cfg.run.dir, "staging", f"resume-{distributed.hostname()}")
+        folder = os.path.join(self.cfg.run.dir, "staging", f"resume-{distributed.node_id()}")
         tag = ckpt.tag + "_universal" if universal else ckpt.tag
         if self.local_rank == 0:
             checkpoint.fetch(ckpt, folder, self.cfg.checkpoint.storage_options)
@@ -188,7 +211,6 @@ class Trainer:
             self.engine.backward(out.loss)
             self.engine.step()
             self.metrics.accumulate(out.loss, out.loss_s1, out.loss_s2, nonfinite)
-        self.skipped = self.loader.skipped["shards"]
         self.step += 1
 
     def train(self) -> None:
@@ -204,8 +226,10 @@ class Trainer:
             if self.writer is not None and (self.step % cfg.checkpoint.every_steps == 0 or self.step == stop):
                 stall_total += self.checkpoint()
             if self.step % cfg.train.log_every == 0 or self.step == stop:
+                skipped = self.loader.skipped  # this rank's; the logged values are summed over every rank
                 self.metrics.log(self.step, self.scheduler.get_last_lr()[0],
-                                 {"skipped_shards": int(self.skipped), "checkpoint_stall_s": round(stall_total, 4)})
+                                 {"checkpoint_stall_s": round(stall_total, 4)},
+                                 summed={"skipped_shards": skipped["shards"], "skipped_samples": skipped["samples"]})
         if self.writer is not None:
             t0 = time.time()
             self.writer.wait()
@@ -214,6 +238,8 @@ class Trainer:
         if self.step >= cfg.train.max_steps:
             self.export()
         distributed.barrier()
+        if self.lease is not None:
+            self.lease.release()
         print(f"rank {self.rank} finished {self.step} steps", flush=True)
 
     def checkpoint(self) -> float:
@@ -241,7 +267,8 @@ class Trainer:
                                  title=f"step {self.step}: loss {out.loss.float().item():.4f}")
 
     def export(self) -> None:
-        """Final encoder weights (gathered from every ZeRO partition) as safetensors + config."""
+        """Final encoder weights (gathered from every ZeRO partition) as a Hub-format folder,
+        ``<checkpoint.dir or run.dir>/encoder/`` (`launch.training.export.export_pretrained`)."""
         import deepspeed
 
         params = list(self.engine.module.parameters())
@@ -249,15 +276,10 @@ class Trainer:
             if self.rank == 0:
                 state = {k: v.detach().float().cpu().clone() for k, v in self.engine.module.encoder_state_dict().items()}
         if self.rank == 0:
-            dest = self.cfg.checkpoint.dir or self.cfg.run.dir
-            data_info = {
-                "manifest": redact_url(self.cfg.data.manifest),
-                "image_size": self.cfg.data.image_size,
-                "s1_bands": self.manifest.modalities["s1"]["bands"],
-                "s2_bands": self.manifest.modalities["s2"]["bands"],
-                "stats": {k: self.manifest.stats[k] for k in ("s1", "s2")},
-            }
-            url = export_encoder(state, self.cfg.model, data_info, dest,
-                                 self.cfg.checkpoint.storage_options if self.cfg.checkpoint.dir else None,
-                                 extra={"step": self.step})
+            ckpt_dir = self.cfg.checkpoint.dir
+            dest = join(ckpt_dir or self.cfg.run.dir, EXPORT_FOLDER)
+            config = hub_config(self.cfg.model, self.manifest, self.cfg.data.image_size, self.step,
+                                checkpoint=ckpt_dir, tag=checkpoint.tag_for(self.step) if ckpt_dir else None,
+                                zero_stage=self.cfg.deepspeed.zero_stage)
+            url = export_pretrained(state, config, dest, self.cfg.checkpoint.storage_options if ckpt_dir else None)
             print(f"exported encoder to {redact_url(url)}", flush=True)

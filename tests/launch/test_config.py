@@ -111,15 +111,52 @@ def test_deepspeed_json_is_derived_from_the_schema():
 
 
 def test_saved_config_has_no_credentials(tmp_path):
-    cfg = load_config(str(ROOT / "configs/debug.yaml"), REQUIRED + [
-        "checkpoint.storage_options={key: AKIAEXAMPLE, secret: verysecretvalue, client_kwargs: {region_name: eu-west-1}}",
-        "data.manifest=s3://user:p4ssw0rd@bucket/manifest.json",
-    ])
+    # credentials belong in the YAML (or the environment), never on the command line
+    recipe = tmp_path / "recipe.yaml"
+    body = yaml.safe_load((ROOT / "configs/debug.yaml").read_text())
+    body.setdefault("checkpoint", {})["storage_options"] = {
+        "key": "AKIAEXAMPLE", "secret": "verysecretvalue", "client_kwargs": {"region_name": "eu-west-1"}}
+    recipe.write_text(yaml.safe_dump(body))
+    cfg = load_config(str(recipe), REQUIRED)
+    assert cfg.checkpoint.storage_options["secret"] == "verysecretvalue"  # used by the run...
     out = tmp_path / "config.yaml"
     save_config(cfg, str(out))
     text = out.read_text()
-    for secret in ("AKIAEXAMPLE", "verysecretvalue", "p4ssw0rd"):
+    for secret in ("AKIAEXAMPLE", "verysecretvalue"):  # ...and never written
         assert secret not in text
     assert "eu-west-1" in text  # non-secret options survive
     reloaded = load_config(str(out), [])
     assert reloaded.train == cfg.train and reloaded.model == cfg.model
+
+
+# -- misuse that must fail before anything starts -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("override", [
+    "checkpoint.storage_options={key: AKIDEXAMPLE, secret: cli-secret-zz}",
+    "data.storage_options={aws_secret_access_key: cli-secret-zz}",
+])
+def test_credentials_on_the_command_line_are_refused(override):
+    with pytest.raises(ConfigError, match="credentials are not accepted on the command line") as err:
+        load_config(str(ROOT / "configs/debug.yaml"), REQUIRED + [override])
+    assert "cli-secret-zz" not in str(err.value) and "AKIDEXAMPLE" not in str(err.value)
+    assert "environment" in str(err.value) and "YAML" in str(err.value)
+
+
+def test_credentials_inside_urls_are_refused_and_not_shown(tmp_path):
+    with pytest.raises(ConfigError, match="data.manifest=\\*\\*\\*: credentials are not accepted") as err:
+        load_config(str(ROOT / "configs/debug.yaml"), ["data.manifest=s3://AKIDEXAMPLE:url-secret-zz@b/m.json"])
+    assert "url-secret-zz" not in str(err.value)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  manifest: s3://b/m.json\ncheckpoint:\n  dir: s3://AKIDEXAMPLE:url-secret-zz@b/ck\n")
+    with pytest.raises(ConfigError, match=r"checkpoint.dir=s3://\*\*\*@b/ck: credentials inside a URL") as err:
+        load_config(str(recipe))
+    assert "url-secret-zz" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["autoo", "latest", "step-00000004"])
+def test_resume_must_be_none_auto_or_a_url(value):
+    with pytest.raises(ConfigError, match=f"resume: '{value}' is neither none, auto nor a checkpoint URL"):
+        load_config(str(ROOT / "configs/debug.yaml"), REQUIRED + [f"resume={value}", "checkpoint.dir=/tmp/ck"])
+    cfg = load_config(str(ROOT / "configs/debug.yaml"), REQUIRED + ["resume=s3://bucket/run/step-00000004"])
+    assert cfg.resume == "s3://bucket/run/step-00000004"

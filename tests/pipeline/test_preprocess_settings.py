@@ -45,7 +45,8 @@ def test_defaults():
     ("max_nonfinite_fraction", float("nan"), "--max-nonfinite-fraction must be in [0, 1]"),
     ("storage_options", '{"anon": true}', "--storage-options must be a JSON object"),
     ("storage_options", ["anon"], "--storage-options must be a JSON object"),
-    ("source", "sentinel-3", "--source must be one of bigearthnet, ssl4eo-tiff, ssl4eo-zarr"),
+    ("source", "sentinel-3",
+     "--source must be one of bigearthnet, sen12ms, ssl4eo-tiff, ssl4eo-wds, ssl4eo-zarr, terramesh"),
     ("s2_product", "L3", "--s2-product must be one of L1C, L2A"),
     ("s2_offset", "drop", "--s2-offset must be one of remove, keep"),
     ("verify_existing", "md5", "--verify-existing must be one of sha256, size"),
@@ -68,16 +69,17 @@ def test_boundary_values_are_accepted():
 
 
 def test_content_names_what_decides_the_shards_and_nothing_else():
-    s = settings(input="s3://AKIAX:pw@bucket/archive/", shard_size_mb=0.5, samples_per_shard=7, s2_product="L2A",
+    s = settings(input="s3://bucket/archive/", shard_size_mb=0.5, samples_per_shard=7, s2_product="L2A",
                  s2_offset="keep", max_nonfinite_fraction=0.25)
     assert s.content("val") == {
-        "source": "ssl4eo-zarr", "input": "s3://***@bucket/archive", "split": "val", "shard_size_mb": 0.5,
+        "source": "ssl4eo-zarr", "input": "s3://bucket/archive", "split": "val", "shard_size_mb": 0.5,
         "samples_per_shard": 7, "s2_product": "L2A", "s2_offset": "keep", "max_nonfinite_fraction": 0.25,
-        "format_version": 1, "pipeline_version": pipeline.__version__,
+        "max_pair_gap_days": 45.0, "format_version": 1, "pipeline_version": pipeline.__version__,
     }
     # how the job runs is not what it makes: same identity
     same = dataclasses.replace(s, workers=3, output="/elsewhere", storage_options={"anon": True}, overwrite=True,
-                               progress=False, verify_existing="size", ray_address="auto")
+                               progress=False, verify_existing="size", ray_address="auto", force=True,
+                               retry_window_s=60.0)
     assert same.job_fingerprint("val") == s.job_fingerprint("val")
     assert len(s.job_fingerprint("val")) == 64
     assert dataclasses.replace(s, samples_per_shard=8).job_fingerprint("val") != s.job_fingerprint("val")
@@ -94,10 +96,17 @@ def test_source_options_and_spec():
 
 
 def test_repr_hides_credentials():
-    s = settings(input="s3://AKIAX:pw@bucket/in", storage_options={"key": "AKIAX", "secret": "zz", "anon": False})
+    s = settings(input="s3://bucket/in", storage_options={"key": "AKIAX", "secret": "zz", "anon": False})
     text = repr(s)
-    assert "AKIAX" not in text and "pw@" not in text and "'zz'" not in text
+    assert "AKIAX" not in text and "'zz'" not in text
     assert "'anon': False" in text and "workers=" in text
+
+
+@pytest.mark.parametrize("option", ["input", "output"])
+def test_credentials_inside_urls_are_refused_and_shown_redacted(option):
+    with pytest.raises(PreprocessError, match=rf"--{option} s3://\*\*\*@bucket/x: credentials inside a URL") as err:
+        settings(**{option: "s3://AKIAX:pw-zz@bucket/x"})
+    assert "AKIAX" not in str(err.value) and "pw-zz" not in str(err.value)
 
 
 def test_parse_args_defaults_are_the_settings_defaults():

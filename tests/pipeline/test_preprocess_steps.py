@@ -100,7 +100,7 @@ def test_check_output_finds_its_own_set_even_without_samples(tmp_path, capsys):
     s = settings(tmp_path)
     _commit_fake(tmp_path, s.job_fingerprint("train"))  # every input quarantined: no shard, still done
     assert check_output(s, "train", str(tmp_path))["totals"] == {"samples": 0, "shards": 0}
-    assert "(0 samples in 0 shards); nothing to do." in capsys.readouterr().out
+    assert "(0 samples in 0 shards, checked by sha256); nothing to do." in capsys.readouterr().out
 
 
 def test_check_output_refuses_a_different_set_unless_overwrite(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, S3_ENV, deepspeed, run_module
+from conftest import ROOT, S3_ENV, bigearthnet_shards, deepspeed, run_module
 from launch.config import ConfigError, EvalConfig, load_eval_config
 from launch.distributed import Runtime
 from launch.evaluation import MemoryCache, evaluate
@@ -25,7 +25,6 @@ from launch.evaluation.data import EvalData
 from launch.evaluation.pretrained import load_pretrained
 from launch.evaluation.subset import keys_digest, select_subset
 from model import FusMAE, FusMAEConfig
-from pipeline import synthetic
 from pipeline.sources.bigearthnet import BIGEARTHNET_19_CLASSES
 
 DEBUG_LINEAR = str(ROOT / "configs" / "eval" / "debug_linear.yaml")
@@ -38,11 +37,7 @@ FAST_FINETUNE = ["eval.protocol=finetune", "eval.epochs=2", "eval.batch_size=8",
 @pytest.fixture(scope="module")
 def ben(tmp_path_factory) -> dict[str, str]:
     """BigEarthNet-layout shards: 60 patches of 48 px, 20 per split, written by the real pipeline."""
-    root = tmp_path_factory.mktemp("ben")
-    synthetic.make_bigearthnet(str(root / "archive"), n_patches=60, size=48, seed=5)
-    run_module("pipeline.preprocess", "--no-progress", "--source", "bigearthnet", "--input", str(root / "archive"),
-               "--output", str(root / "shards"), "--split", "all", "--workers", "1")
-    shards = root / "shards"
+    shards = bigearthnet_shards(tmp_path_factory.mktemp("ben"), n_patches=60, seed=5)
     return {"train": str(shards / "train" / "manifest.json"), "val": str(shards / "validation" / "manifest.json"),
             "test": str(shards / "test" / "manifest.json")}
 
@@ -55,7 +50,7 @@ def _pretrain(tmp_path_factory, ben: dict[str, str], stage: int) -> Path:
               "train.log_every=2", "checkpoint.every_steps=4", f"deepspeed.zero_stage={stage}",
               f"checkpoint.dir={run / 'ckpt'}", f"run.dir={run}")
     assert json.loads((run / "ckpt" / "latest").read_text())["tag"] == "step-00000004"
-    assert (run / "ckpt" / "encoder.safetensors").exists()
+    assert (run / "ckpt" / "encoder" / "model.safetensors").exists()
     return run / "ckpt"
 
 
@@ -116,7 +111,7 @@ def test_end_to_end_from_every_kind_of_checkpoint(request, ben, tmp_path, source
     # a checkpoint folder (its `latest`), a step-N folder, the exported safetensors file
     ckpt = request.getfixturevalue("zero2" if source == "export" else source)
     pretrained = {"zero0": str(ckpt), "zero2": str(ckpt), "zero3": str(ckpt / "step-00000004"),
-                  "export": str(ckpt / "encoder.safetensors")}[source]
+                  "export": str(ckpt / "encoder")}[source]
     extra = FAST_FINETUNE if protocol == "finetune" else []
     doc = evaluate(eval_cfg(ben, tmp_path, pretrained, *extra), memory=MemoryCache())
     check_results(doc, tmp_path)
@@ -162,7 +157,7 @@ def test_encoder_from_zero3_checkpoint_equals_the_export(ben, zero3, tmp_path):
     rt = Runtime()
     data = EvalData(eval_cfg(ben, tmp_path, "none"), rt)
     from_ckpt = load_pretrained(eval_cfg(ben, tmp_path, str(zero3)), data.manifests, rt)
-    from_export = load_pretrained(eval_cfg(ben, tmp_path, str(zero3 / "encoder.safetensors")), data.manifests, rt)
+    from_export = load_pretrained(eval_cfg(ben, tmp_path, str(zero3 / "encoder" / "model.safetensors")), data.manifests, rt)
     a, b = from_ckpt.net.encoder_state_dict(), from_export.net.encoder_state_dict()
     assert sorted(a) == sorted(b) and len(a) > 10
     for k in a:

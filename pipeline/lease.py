@@ -1,0 +1,164 @@
+"""One writer per output: a lease file taken before any write, kept fresh by a heartbeat, released at the end.
+
+``<root>/_lease.json`` holds {owner, host, pid, what, started, heartbeat} (times in
+seconds since the epoch). Taking it uses the store's atomic create: an exclusive
+create on file systems, a conditional PUT (``If-None-Match: *``) on S3, so two
+writers starting at the same moment cannot both win. A lease held by another run
+is refused with an error naming its owner, unless its heartbeat is older than
+``stale_after_s`` (its owner died), its process is gone (same host), or the
+caller forces a takeover. The holder
+refreshes the heartbeat every ``stale_after_s / 4`` seconds from a thread.
+
+Used by preprocessing (one lease per split output) and by training (one per
+``checkpoint.dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+from pipeline.storage import is_local, read_bytes, redact_url, retrying, url_to_fs, write_bytes_atomic
+
+log = logging.getLogger("pipeline.lease")
+LEASE = "_lease.json"
+DEFAULT_STALE_AFTER_S = 300.0
+"""A lease whose heartbeat is older than this (5 minutes) belongs to a run that died."""
+
+
+class LeaseHeld(RuntimeError):
+    """Another live run writes to this output."""
+
+
+class Lease:
+    """The lease of one output folder (an fsspec URL); a context manager that takes and releases it."""
+
+    def __init__(self, url: str, what: str, storage_options: Optional[dict[str, Any]] = None,
+                 stale_after_s: float = DEFAULT_STALE_AFTER_S, force: bool = False, owner: Optional[str] = None):
+        self.url, self.what, self.force = url.rstrip("/"), what, force
+        self.fs, root = url_to_fs(self.url, dict(storage_options or {}))
+        self.path = f"{root.rstrip('/')}/{LEASE}"
+        self.stale_after_s = stale_after_s
+        self.owner = owner or uuid.uuid4().hex
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- taking -----------------------------------------------------------------------------
+    def acquire(self) -> "Lease":
+        """Take the lease (see the module docstring); raises `LeaseHeld` naming the holder."""
+        for _ in range(3):
+            if self._create():
+                break
+            held = self.holder()
+            if held is None:  # released between our attempt and the read: try again
+                continue
+            age = time.time() - float(held.get("heartbeat", 0))
+            if not self.force and age <= self.stale_after_s and not _dead_here(held):
+                raise LeaseHeld(
+                    f"{redact_url(self.url)} is being written by another run ({held.get('what', '?')} on "
+                    f"{held.get('host', '?')}, pid {held.get('pid', '?')}, owner {held.get('owner', '?')[:12]}, "
+                    f"started {_when(held.get('started'))}, heartbeat {age:.0f} s ago). Wait for it, write "
+                    f"elsewhere, or take over (--force / checkpoint.force_lease=true) if it is gone; a lease "
+                    f"older than {self.stale_after_s:.0f} s is taken over by itself.")
+            why = ("forced" if self.force else "its process is gone" if _dead_here(held)
+                   else f"stale: heartbeat {age:.0f} s ago")
+            log.warning("taking over the lease of %s from owner %s (%s)", redact_url(self.url),
+                        str(held.get("owner", "?"))[:12], why)
+            retrying(self.fs.rm_file)(self.path)
+        else:
+            raise LeaseHeld(f"{redact_url(self.url)}: could not take the lease (others keep taking it)")
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
+                           "started": self.started, "heartbeat": time.time()}, sort_keys=True).encode()
+
+    def _create(self) -> bool:
+        """Atomically create the lease file; False when it exists."""
+        data = self._body()
+        if is_local(self.fs):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            retrying(self.fs.pipe_file)(self.path, data, mode="create")
+        except (FileExistsError, OSError) as err:  # S3 answers 412 PreconditionFailed when it exists
+            if isinstance(err, FileExistsError) or self.fs.exists(self.path):
+                return False
+            raise
+        return True
+
+    def holder(self) -> Optional[dict[str, Any]]:
+        """The lease as stored; None when there is none (an unreadable one counts as stale)."""
+        try:
+            return json.loads(read_bytes(self.fs, self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"owner": "?", "heartbeat": 0}
+
+    # -- keeping and releasing --------------------------------------------------------------
+    def _beat(self) -> None:
+        while not self._stop.wait(self.stale_after_s / 4):
+            try:
+                held = self.holder()
+                if held is None or held.get("owner") != self.owner:
+                    log.error("the lease of %s was taken over by owner %s: this run no longer owns its output",
+                              redact_url(self.url), None if held is None else str(held.get("owner"))[:12])
+                    return
+                write_bytes_atomic(self.fs, self.path, self._body())
+            except Exception as err:  # noqa: BLE001 - a missed heartbeat is retried at the next one
+                log.warning("lease heartbeat for %s failed: %s", redact_url(self.url), err)
+
+    def owns(self) -> bool:
+        held = self.holder()
+        return held is not None and held.get("owner") == self.owner
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lease if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+            if self.owns():
+                retrying(self.fs.rm_file)(self.path)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _dead_here(held: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process no longer exists (killed, crashed): no need to wait."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
+def _when(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+    except (TypeError, ValueError):
+        return "?"
