@@ -186,7 +186,24 @@ def url_to_fs(url: str, storage_options: Optional[dict[str, Any]] = None) -> tup
     """The filesystem and the path within it for ``url``; a URL carrying credentials is refused (named redacted)."""
     if redact_url(url) != url and not url.startswith(("http://", "https://")):
         raise CredentialsInURL(f"{redact_url(url)}: {CREDENTIALS_IN_URL}")
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        options = with_inner_retries(options)
+    return fsspec.core.url_to_fs(url, **options)
+
+
+S3_INNER_RETRIES = {"mode": "standard", "max_attempts": 3}
+"""botocore's own retries under every S3 call: a short, bounded layer for blips (at most 2 retries of at most
+1 + 2 s back-off, botocore's standard mode). Its default (legacy mode, 5 attempts, up to 15 s) multiplied by
+s3fs's 5 attempts hid outages of up to ~77 s without a word; bounded, anything longer than ~17 s reaches
+`retrying`, which logs it and owns the window. Storage options that set ``config_kwargs.retries`` win."""
+
+
+def with_inner_retries(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with botocore's retry settings defaulted to `S3_INNER_RETRIES` (a user's own are kept)."""
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", dict(S3_INNER_RETRIES))
+    return {**options, "config_kwargs": config}
 
 
 def join(base: str, *parts: str) -> str:
