@@ -86,13 +86,18 @@ class Lease:
         """Atomically create the lease file; False when it exists."""
         data = self._body()
         if is_local(self.fs):
+            # Written whole under a private name, then hard-linked into place: the link fails when the lease
+            # exists, and a reader never sees an empty lease (which would count as stale and be taken over).
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{self.owner}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            finally:
+                os.unlink(tmp)
             return True
         try:
             retrying(self.fs.pipe_file)(self.path, data, mode="create")

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a plain script (ray submit): make the pa
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import contextlib
 import json
 import logging
 from typing import Any, Optional, Sequence
@@ -51,17 +52,21 @@ __all__ = ["PreprocessError", "PreprocessSettings", "main", "parse_args", "run_j
 
 def run_split(settings: PreprocessSettings, spec: SourceSpec, source: Source, split: str,
               out_url: str) -> dict[str, Any]:
-    """Shard ``split`` of the archive into ``out_url`` (Ray initialised); returns the committed manifest's body.
+    """Shard ``split`` of the archive into ``out_url`` (Ray initialised, the output's lease held: see `lease`);
+    returns the committed manifest's body.
 
     Raises PreprocessError for a problem with the invocation or the input."""
-    # One writer per output: taken before anything is written or cleaned, released after the commit.
-    with Lease(out_url, f"pipeline.preprocess --split {split}", settings.storage_options, force=settings.force):
-        done = check_output(settings, split, out_url)
-        if done is not None:
-            return done
-        plan = plan_split(settings, source, split, out_url, ray_map)
-        records = run_shards(settings, spec, plan, out_url)
-        return commit_split(settings, plan, records, source, out_url).to_dict()
+    done = check_output(settings, split, out_url)
+    if done is not None:
+        return done
+    plan = plan_split(settings, source, split, out_url, ray_map)
+    records = run_shards(settings, spec, plan, out_url)
+    return commit_split(settings, plan, records, source, out_url).to_dict()
+
+
+def lease(settings: PreprocessSettings, split: str, out_url: str) -> Lease:
+    """The lease of one split's output: one writer per output, taken before anything is written or cleaned."""
+    return Lease(out_url, f"pipeline.preprocess --split {split}", settings.storage_options, force=settings.force)
 
 
 def run_job(settings: PreprocessSettings) -> int:
@@ -90,10 +95,15 @@ def run_job(settings: PreprocessSettings) -> int:
     except PermissionError as err:
         return _fail(str(err))
     set_retry_window(settings.retry_window_s)  # this process, and through the environment its Ray workers
-    init_ray(settings.ray_address, settings.workers)
     try:
-        for split, out_url in targets:
-            run_split(settings, spec, source, split, out_url)
+        with contextlib.ExitStack() as held:
+            # Every output's lease before Ray starts: a run that would be refused is refused at once, and
+            # no split of a multi-split job is half-written because another run holds a later one.
+            for split, out_url in targets:
+                held.enter_context(lease(settings, split, out_url))
+            init_ray(settings.ray_address, settings.workers)
+            for split, out_url in targets:
+                run_split(settings, spec, source, split, out_url)
     except (PreprocessError, LeaseHeld) as err:
         return _fail(str(err))
     except StorageUnavailable as err:

@@ -24,9 +24,14 @@ def test_a_held_lease_is_refused_naming_its_holder(tmp_path, s3_bucket, where):
     again.release()
 
 
-def test_exclusive_create_lets_only_one_of_two_racing_writers_win(s3_bucket):
-    a, b = Lease(f"{s3_bucket}/race", "a"), Lease(f"{s3_bucket}/race", "b")
-    assert a._create() is True and b._create() is False  # the store's conditional PUT decides
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_exclusive_create_lets_only_one_of_two_racing_writers_win(tmp_path, s3_bucket, where):
+    url = str(tmp_path / "race") if where == "local" else f"{s3_bucket}/race"
+    a, b = Lease(url, "a"), Lease(url, "b")
+    assert a._create() is True and b._create() is False  # an exclusive link / the store's conditional PUT decides
+    assert a.holder()["owner"] == a.owner  # the winner's lease, whole from the moment it exists
+    if where == "local":
+        assert os.listdir(tmp_path / "race") == [LEASE]  # no private file left behind by either
 
 
 def test_a_stale_or_dead_holder_is_taken_over_and_force_takes_a_fresh_one(tmp_path):

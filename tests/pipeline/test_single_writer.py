@@ -6,6 +6,8 @@ Real Ray jobs on a synthetic SSL4EO-S12 Zarr archive (the published layout).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,9 +41,16 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(archive
     while not (out / "_lease.json").exists():  # the first job has taken the output
         assert first.poll() is None and time.time() < deadline, "the first job ended before taking its lease"
         time.sleep(0.05)
-    second = run_module("pipeline.preprocess", *args(archive, out, "--s2-product", "L2A", "--overwrite"), check=False)
+    # Paused while the second job tries, so that "while the first runs" holds however fast the first would be.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = run_module("pipeline.preprocess", *args(archive, out, "--s2-product", "L2A", "--overwrite"),
+                            check=False)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2
     assert "is being written by another run" in second.stderr and "pipeline.preprocess --split train" in second.stderr
+    assert "Started a local Ray instance" not in second.stderr  # refused before it started anything
     assert first.wait(timeout=300) == 0, first.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["s2_product"] == "L1C"  # the first job's set, whole
