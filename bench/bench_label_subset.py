@@ -49,7 +49,7 @@ def probe(shards: Path, train_url: str, fraction: float, run_dir: Path, env: dic
            "eval.pretrained=none", f"data.train_manifest={train_url}",
            f"data.val_manifest={shards / 'validation' / 'manifest.json'}",
            f"data.test_manifest={shards / 'test' / 'manifest.json'}", f"eval.label_fraction={fraction}",
-           "eval.cache_features=false", "eval.epochs=2", "model.s2_channels=12", "data.image_size=64",
+           "eval.cache_features=false", "eval.epochs=2", "data.image_size=64",
            "model.patch_size=16", f"run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -57,12 +57,16 @@ def main() -> int:
     from launch.config import load_config
     from launch.training.metrics import peak_flops
     from model import FusMAE
+    from model.config import STANDARD_CHANNELS
     from model.flops import estimate_flops_per_sample
 
     overrides = ["data.manifest=unused"]  # the recipe's model and batch only; no data is read
     if args.image_size:
         overrides.append(f"data.image_size={args.image_size}")
     cfg = load_config(str(args.config), overrides)
+    for mod, n in STANDARD_CHANNELS.items():  # no manifest here: the recipe's bands, else the full products'
+        if getattr(cfg.model, f"{mod}_channels") is None:
+            setattr(cfg.model, f"{mod}_channels", n)
     batch = args.batch_size or cfg.train.micro_batch_size
     size = cfg.data.image_size
     device = torch.device("cuda")
@@ -87,7 +91,7 @@ def main() -> int:
             net.load_state_dict(reference)
         reference = net.state_dict()
         net.to(device).train()
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.peak_lr(1), betas=tuple(cfg.train.betas),
                                 weight_decay=cfg.train.weight_decay, fused=True)
         variants[name] = {"net": net, "opt": opt, "times": [], "peak_mem": 0}
 

@@ -33,6 +33,8 @@ FUSIONS = ("xattn", "concat", "stack", "s1", "s2")
 DECODERS = ("separate", "xattn")
 MASKINGS = ("consistent", "independent")
 POOLS = ("mean", "cls")
+STANDARD_CHANNELS = {"s1": 2, "s2": 13}
+"""Bands of the full products (S1 GRD VV+VH, S2 L1C): what `FusMAEConfig.preset` assumes when not told."""
 
 
 @dataclass
@@ -44,10 +46,17 @@ class FusMAEConfig:
     computed for the actual input grid, so other sizes divisible by the patch work too."""
     patch_size: int = 16
     """Patch side in pixels; 8 or 16 in the recipes."""
-    s1_channels: int = 2
-    """Sentinel-1 bands, in order VV, VH (backscatter in dB)."""
-    s2_channels: int = 13
-    """Sentinel-2 bands: 13 for L1C (B1..B12 with B8A), 12 for L2A / BigEarthNet (no B10)."""
+    s1_channels: Optional[int] = None
+    """Sentinel-1 bands (VV, VH: backscatter in dB). None: taken from the shards' manifest by training
+    and evaluation (`launch.data.fit.derive_bands`); `preset` fills 2 when building a network by hand."""
+    s2_channels: Optional[int] = None
+    """Sentinel-2 bands: 13 for L1C (B1..B12 with B8A), 12 for L2A / BigEarthNet (no B10). None: from the
+    manifest, as for s1_channels; `preset` fills 13."""
+    s1_bands: Optional[list[str]] = None
+    """The S1 band names in input order, as the shards' manifest lists them: recorded in checkpoints and
+    exports so that evaluation can match downstream bands by name. Sets s1_channels when that is None."""
+    s2_bands: Optional[list[str]] = None
+    """The S2 band names in input order (e.g. ESA's B1..B12 with B8A); as s1_bands."""
 
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
@@ -84,6 +93,12 @@ class FusMAEConfig:
     """Recompute each block's activations in the backward pass (saves memory)."""
 
     def __post_init__(self) -> None:
+        for mod in ("s1", "s2"):
+            bands = getattr(self, f"{mod}_bands")
+            if bands is not None:
+                setattr(self, f"{mod}_bands", [str(b) for b in bands])
+                if getattr(self, f"{mod}_channels") is None:
+                    setattr(self, f"{mod}_channels", len(bands))
         if self.size not in ENCODER_PRESETS:
             raise ValueError(f"model.size: unknown preset {self.size!r}; choose one of {sorted(ENCODER_PRESETS)}")
         for key, value in {**ENCODER_PRESETS[self.size], **DECODER_PRESETS[self.size]}.items():
@@ -118,17 +133,34 @@ class FusMAEConfig:
         check(self.depth >= (2 if self.fusion == "xattn" else 1), "depth",
               "fusion=xattn needs depth >= 2 (one cross-attention block, then self-attention)")
         check(self.decoder_depth >= 1, "decoder_depth", "must be >= 1")
-        check(self.s1_channels > 0 and self.s2_channels > 0, "s2_channels", "channel counts must be positive")
+        for mod in ("s1", "s2"):
+            n, bands = getattr(self, f"{mod}_channels"), getattr(self, f"{mod}_bands")
+            check(n is None or n > 0, f"{mod}_channels", f"must be positive, got {n}")
+            check(bands is None or n == len(bands), f"{mod}_channels",
+                  f"{n} contradicts model.{mod}_bands, which names {len(bands or [])}: {bands}")
+            check(bands is None or len(set(bands)) == len(bands), f"{mod}_bands", f"names a band twice: {bands}")
         check(self.loss_weight_s1 >= 0 and self.loss_weight_s2 >= 0, "loss_weight_s1", "loss weights must be >= 0")
 
     @classmethod
     def preset(cls, size: str, **overrides: Any) -> "FusMAEConfig":
-        """``FusMAEConfig.preset("vit_b", fusion="concat", patch_size=8)``."""
+        """``FusMAEConfig.preset("vit_b", fusion="concat", patch_size=8)``: a network built by hand, so
+        the band counts not given (by count or by names) are the full products': 2 S1 and 13 S2 (L1C)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"model: unknown field(s) {unknown}")
+        for mod, n in STANDARD_CHANNELS.items():
+            if overrides.get(f"{mod}_channels") is None and overrides.get(f"{mod}_bands") is None:
+                overrides[f"{mod}_channels"] = n
         return cls(size=size, **overrides)
+
+    def channels(self, mod: str) -> int:
+        """Input bands of modality ``mod`` (s1, s2); an error naming the field when it was never set."""
+        n = getattr(self, f"{mod}_channels")
+        if n is None:
+            raise ValueError(f"model.{mod}_channels is not set: training and evaluation take it from the "
+                             f"shards' manifest; set it (or model.{mod}_bands) when building a network by hand")
+        return int(n)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

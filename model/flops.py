@@ -45,7 +45,7 @@ def estimate_flops_per_sample(cfg: FusMAEConfig, img_size: Union[int, tuple[int,
     L = (H // p) * (W // p)
     K = num_visible(L, cfg.mask_ratio)
     streams = STREAMS[cfg.fusion]
-    chans = {"s1": cfg.s1_channels, "s2": cfg.s2_channels, "stack": cfg.s1_channels + cfg.s2_channels}
+    chans = {s: cfg.channels("s1") + cfg.channels("s2") if s == "stack" else cfg.channels(s) for s in streams}
     D, Dd = cfg.embed_dim, cfg.decoder_embed_dim
     hidden, hidden_d = int(D * cfg.mlp_ratio), int(Dd * cfg.mlp_ratio)
 

@@ -134,7 +134,8 @@ class FusMAE(nn.Module):
         self.streams = STREAMS[cfg.fusion]
         self.grad_checkpointing = cfg.grad_checkpointing
         D, p = cfg.embed_dim, cfg.patch_size
-        chans = {"s1": cfg.s1_channels, "s2": cfg.s2_channels, "stack": cfg.s1_channels + cfg.s2_channels}
+        # channels() names the field when a band count was never set (it comes from the manifest)
+        chans = {s: cfg.channels("s1") + cfg.channels("s2") if s == "stack" else cfg.channels(s) for s in self.streams}
 
         # --- encoder: every attribute here must not start with "decoder" ---
         self.patch_embed = nn.ModuleDict({s: PatchEmbed(chans[s], D, p) for s in self.streams})

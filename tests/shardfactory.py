@@ -29,13 +29,13 @@ def sample_number(s2: np.ndarray) -> int:
 
 
 def make_sample(number: int, hw: int, s2_channels: int, rng: np.random.Generator, s1_dtype: str, s2_dtype: str,
-                labels: bool) -> Sample:
+                labels: bool, s2_bands: Optional[Sequence[str]] = None) -> Sample:
     s2 = rng.integers(1, 4000, (s2_channels, hw, hw)).astype(s2_dtype)  # reflectance x 10000, never no-data
     s2[0, 0, 0] = number
     s1 = rng.normal(-14.0, 5.0, (2, hw, hw)).astype(s1_dtype)  # backscatter dB
     s1[0, 0, 0] = number
     meta: dict[str, Any] = {"sample_id": f"{number:07d}", "number": number, "source": "shardfactory",
-                            "s1_bands": S1_BANDS, "s2_bands": S2_BANDS[:s2_channels]}
+                            "s1_bands": S1_BANDS, "s2_bands": list(s2_bands or S2_BANDS[:s2_channels])}
     if labels:
         meta["labels"] = [int(number % 5), int(number % 3) + 5]
     return Sample(make_key("sample", f"{number:06d}"), s1, s2, meta)
@@ -52,6 +52,7 @@ def make_shard_set(
     s2_dtype: str = "int16",
     split: str = "train",
     storage_options: Optional[dict[str, Any]] = None,
+    s2_bands: Optional[Sequence[str]] = None,
 ) -> str:
     """Write shards of ``shard_sizes`` samples and a manifest.json under ``folder_or_url``; return the manifest URL.
 
@@ -59,6 +60,8 @@ def make_shard_set(
     per-band stats over valid pixels (S2 != 0, S1 finite) computed with numpy,
     modalities with dtype and no-data, image_size [hw, hw].
     """
+    bands2 = list(s2_bands) if s2_bands is not None else S2_BANDS[:s2_channels]  # names, else the first N
+    s2_channels = len(bands2)
     fs, root = url_to_fs(folder_or_url, storage_options)
     rng = np.random.default_rng(seed)
     records = []
@@ -70,7 +73,7 @@ def make_shard_set(
             local = os.path.join(tmp, name)
             with ShardWriter(local) as writer:
                 for _ in range(size):
-                    sample = make_sample(number, hw, s2_channels, rng, s1_dtype, s2_dtype, labels)
+                    sample = make_sample(number, hw, s2_channels, rng, s1_dtype, s2_dtype, labels, bands2)
                     writer.write(sample)
                     m1 = m1.merge(BandMoments.of(sample.s1, np.isfinite(sample.s1)))
                     m2 = m2.merge(BandMoments.of(sample.s2, sample.s2 != S2_NODATA))
@@ -89,12 +92,12 @@ def make_shard_set(
         "modalities": {
             "s1": {"bands": S1_BANDS, "dtype": s1_dtype, "units": "backscatter dB", "nodata": "non-finite",
                    "member": "s1.npy", "layout": "(bands, H, W)"},
-            "s2": {"bands": S2_BANDS[:s2_channels], "dtype": s2_dtype, "units": "reflectance x 10000",
+            "s2": {"bands": bands2, "dtype": s2_dtype, "units": "reflectance x 10000",
                    "nodata": S2_NODATA, "member": "s2.npy", "layout": "(bands, H, W)"},
         },
         "stats": {
             "s1": m1.summary(S1_BANDS),
-            "s2": m2.summary(S2_BANDS[:s2_channels]),
+            "s2": m2.summary(bands2),
         },
     }
     url = join(folder_or_url, "manifest.json")

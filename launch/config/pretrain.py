@@ -13,6 +13,11 @@ from typing import Any, Optional
 from launch.config.base import DataConfig, RunConfig, Schema, StorageConfig
 from model.config import FusMAEConfig
 
+DEFAULT_BASE_LR = 1.5e-4
+"""MAE's base learning rate (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners", Table 8)."""
+LR_REFERENCE_BATCH = 256
+"""The batch size base_lr refers to: lr = base_lr x global batch / 256 (the same paper)."""
+
 
 @dataclass
 class TrainConfig:
@@ -21,10 +26,15 @@ class TrainConfig:
     micro_batch_size: int = 32
     """Samples per rank per forward pass."""
     grad_accum_steps: int = 1
-    lr: float = 1.5e-4
-    """Peak learning rate after warm-up (absolute, not scaled by batch size)."""
+    base_lr: Optional[float] = None
+    """MAE's rule: the peak learning rate is base_lr x global batch / 256, the global batch being
+    micro_batch_size x grad_accum_steps x world size (He et al. 2022, Table 8 / appendix A.1: base lr
+    1.5e-4). With neither base_lr nor lr set, base_lr is 1.5e-4."""
+    lr: Optional[float] = None
+    """The peak learning rate as an absolute value, not scaled by the batch: the alternative to base_lr
+    (setting both is an error; on top of a recipe that gives base_lr, override with train.base_lr=null)."""
     min_lr: float = 0.0
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the cosine decay (absolute)."""
     warmup_steps: int = 100
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -42,12 +52,41 @@ class TrainConfig:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"train.lr / train.min_lr: need 0 <= min_lr <= lr and lr > 0, got {self.lr}, {self.min_lr}")
+        if self.lr is not None and self.base_lr is not None:
+            raise ValueError(f"train.lr={self.lr} and train.base_lr={self.base_lr}: give one (base_lr is scaled by "
+                             "the global batch, lr is absolute); to use lr over a recipe's base_lr add "
+                             "train.base_lr=null")
+        if self.lr is None and self.base_lr is None:
+            self.base_lr = DEFAULT_BASE_LR
+        rate, key = (self.lr, "lr") if self.lr is not None else (self.base_lr, "base_lr")
+        if rate <= 0 or self.min_lr < 0:
+            raise ValueError(f"train.{key} / train.min_lr: need {key} > 0 and min_lr >= 0, got {rate}, {self.min_lr}")
         if len(self.betas) != 2:
             raise ValueError(f"train.betas: need two values, got {self.betas}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("train.warmup_steps / grad_clip / weight_decay: must be >= 0")
+
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step."""
+        return self.micro_batch_size * self.grad_accum_steps * world_size
+
+    def peak_lr(self, world_size: int) -> float:
+        """The learning rate after warm-up: ``lr``, or ``base_lr x global batch / 256``."""
+        lr = self.lr if self.lr is not None else self.base_lr * self.global_batch(world_size) / LR_REFERENCE_BATCH
+        if self.min_lr > lr:
+            raise ValueError(f"train.min_lr={self.min_lr} is above the peak learning rate {lr:.3g} "
+                             f"({self.describe_lr(world_size)})")
+        return lr
+
+    def describe_lr(self, world_size: int) -> str:
+        """How the peak learning rate comes about, for the log."""
+        if self.lr is not None:
+            return f"lr {self.lr:.4g} (absolute: train.lr)"
+        n = self.global_batch(world_size)
+        return (f"lr {self.base_lr * n / LR_REFERENCE_BATCH:.4g} = base_lr {self.base_lr:.4g} x global batch {n} "
+                f"({self.micro_batch_size} x {self.grad_accum_steps} accumulation x {world_size} ranks) "
+                f"/ {LR_REFERENCE_BATCH}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Does a network fit a shard set? The one check both pretraining and evaluation run before any work."""
+"""Does a network fit a shard set? The checks pretraining and evaluation run before any work, and the
+network's input bands taken from the shards' manifest where the config leaves them open."""
 
 from __future__ import annotations
 
@@ -7,6 +8,26 @@ from typing import Optional
 from launch.config import ConfigError
 from model import FusMAEConfig
 from pipeline.manifest import Manifest
+
+
+def derive_bands(model_cfg: FusMAEConfig, manifest: Manifest, source: str) -> FusMAEConfig:
+    """Fill ``model.s1/s2_channels`` and ``model.s1/s2_bands`` from the manifest where they are None (in
+    place, and returned). A value that is set must agree with the shards: a ConfigError names both."""
+    for mod in ("s1", "s2"):
+        names = list(manifest.bands(mod))
+        count, bands = getattr(model_cfg, f"{mod}_channels"), getattr(model_cfg, f"{mod}_bands")
+        where = f"the {manifest.split or 'data'} shards {manifest.shown}"
+        if bands is not None and bands != names:
+            raise ConfigError(f"model.{mod}_bands={bands} (from {source}) but {where} hold {names}; "
+                              f"leave model.{mod}_bands unset to take the shards' bands")
+        if count is not None and count != len(names):
+            raise ConfigError(f"model.{mod}_channels={count} (from {source}) but {where} hold {len(names)} "
+                              f"{mod.upper()} bands {names}; leave model.{mod}_channels unset (null) to take "
+                              f"them from the manifest")
+        setattr(model_cfg, f"{mod}_channels", len(names))
+        setattr(model_cfg, f"{mod}_bands", names)
+    model_cfg.validate()
+    return model_cfg
 
 
 def check_model_fits(model_cfg: FusMAEConfig, manifest: Manifest, source: str,

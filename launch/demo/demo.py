@@ -151,7 +151,7 @@ class Demo:
                 f"data.val_manifest={shards}/validation/manifest.json",
                 f"data.test_manifest={shards}/test/manifest.json", f"run.dir={run_dir}"]
         if pretrained == "none":
-            args += ["model.s2_channels=12", "model.patch_size=8"]
+            args += ["model.patch_size=8"]  # the bands come from the shards' manifest
         if self.smallest:
             args += ["data.image_size=48", "eval.epochs=5"]
         self.run(f"linear probe ({name})", [sys.executable, "-m", "launch.eval", "--config",

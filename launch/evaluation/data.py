@@ -37,6 +37,7 @@ from launch.data.augment import DeviceAugment
 from launch.data.loader import LoaderSettings, PassLoader, ShardLoader
 from launch.data.reader import Selection
 from launch.distributed import Runtime
+from launch.evaluation.bands import BandMap, apply_maps
 from launch.evaluation.subset import TrainSubset
 from pipeline.index import read_index
 from pipeline.manifest import Manifest, load_manifest
@@ -95,6 +96,8 @@ class EvalData:
         # Every split is normalised with the training split's statistics.
         self.augment = DeviceAugment.for_manifest(self.manifests["train"], cfg.data.image_size).to(rt.device)
         self._loaders: dict[tuple[str, Optional[str]], PassLoader] = {}
+        self.bands: dict[str, BandMap] = {}
+        """Set from the loaded encoder (`Pretrained.bands`); empty: the bands as they are."""
 
     # -- loaders --------------------------------------------------------------------------------
     def settings_for(self, samples: int, what: str) -> LoaderSettings:
@@ -136,11 +139,12 @@ class EvalData:
                            selection=subset.selection)
 
     def images(self, batch: dict[str, Any], augment: bool = False) -> tuple[Tensor, Tensor]:
-        """Raw batch -> normalised (B, 2, S, S), (B, C, S, S) float32 on the device; resize only unless augment."""
+        """Raw batch -> normalised S1, S2 (B, C, S, S) float32 on the device in the encoder's bands; resize only
+        unless augment."""
         if not augment:
             batch = {k: v for k, v in batch.items() if k not in ("crop", "flip")}
         s1, s2, _ = self.augment(batch, self.rt.device)
-        return s1, s2
+        return apply_maps(self.bands, s1, s2)  # the downstream bands onto the encoder's, by name
 
     def class_names(self, num_classes: int) -> list[str]:
         """The label names of the test shards (``source.label_classes``), else BigEarthNet's 19."""

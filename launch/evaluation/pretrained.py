@@ -9,7 +9,7 @@
 
 The architecture comes with the weights (the client state's ``config.model``, or
 the export's config), at this run's ``data.image_size`` and with its runtime switches;
-before any weights are read it is checked against every split's shards (`check_model_fits`).
+before any weights are read its bands are matched by name with every split's (`bands.band_maps`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from launch.config import ConfigError, EvalConfig
-from launch.data.fit import check_model_fits
+from launch.data.fit import derive_bands
+from launch.evaluation.bands import BandMap, band_maps
 from launch.distributed import Runtime
 from launch.training import checkpoint
 from launch.training.export import HUB_WEIGHTS
@@ -60,6 +61,8 @@ class Pretrained:
     """eval.pretrained, credentials redacted."""
     digest: str
     """sha256 of the encoder weights (names and float32 values): what feature caches are keyed by."""
+    bands: dict[str, BandMap] = dataclasses.field(default_factory=dict)
+    """How the downstream bands reach the encoder, per modality it uses (`bands.band_maps`)."""
     tag: Optional[str] = None
     step: Optional[int] = None
     zero_stage: Optional[int] = None
@@ -131,16 +134,19 @@ def build_model_config(fields_: dict[str, Any], cfg: EvalConfig, source: str) ->
         raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by model.patch_size={patch} "
                           f"of {source}; choose a multiple of {patch} (e.g. {near})")
     merged = {**fields_, "img_size": cfg.data.image_size, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}}
+    if cfg.eval.pool != "checkpoint":  # the probe's choice of pooled feature (mean of the tokens, or CLS)
+        merged["pool"] = cfg.eval.pool
     try:
         return FusMAEConfig(**merged)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: its model config does not build a network: {err}") from err
 
 
-def check_fits_every_split(model_cfg: FusMAEConfig, manifests: dict[str, Manifest], source: str) -> None:
-    """The bands of every split fit the encoder. No ``image_size`` check: evaluation resizes (120 → 128 px)."""
-    for m in manifests.values():
-        check_model_fits(model_cfg, m, source)
+def check_fits_every_split(model_cfg: FusMAEConfig, manifests: dict[str, Manifest],
+                           source: str) -> dict[str, BandMap]:
+    """How every split's bands reach the encoder, matched by name (`bands.band_maps`); a ConfigError when
+    they share too little. No ``image_size`` check: evaluation resizes (120 → 128 px)."""
+    return band_maps(model_cfg, manifests, source)
 
 
 def _load_state(state_dict: dict[str, Tensor], net: FusMAE, source: str) -> None:
@@ -223,11 +229,13 @@ def load_pretrained(cfg: EvalConfig, manifests: dict[str, Manifest], rt: Runtime
     """The encoder named by ``eval.pretrained`` (on rank 0 read from storage, then copied to every rank)."""
     e = cfg.eval
     if e.random_init:
-        model_cfg = build_model_config(dataclasses.asdict(cfg.model), cfg, "model.* of the eval config")
-        check_fits_every_split(model_cfg, manifests, "model.* of the eval config (eval.pretrained=none)")
+        source = "model.* of the eval config (eval.pretrained=none)"
+        model_cfg = build_model_config(dataclasses.asdict(cfg.model), cfg, source)
+        derive_bands(model_cfg, manifests["train"], source)  # the baseline is built for the shards' bands
+        maps = check_fits_every_split(model_cfg, manifests, source)
         torch.manual_seed(e.seed)  # the baseline's initialisation is part of the seeded run
         net = encoder_only(FusMAE(model_cfg))
-        return Pretrained(net, "none", "none", weights_digest(net.encoder_state_dict()))
+        return Pretrained(net, "none", "none", weights_digest(net.encoder_state_dict()), maps)
 
     loaded: dict[str, Any] = {}
 
@@ -239,12 +247,16 @@ def load_pretrained(cfg: EvalConfig, manifests: dict[str, Manifest], rt: Runtime
 
     info = rt.on_main(read, expected=(ConfigError,))
     model_cfg = build_model_config(info["model"], cfg, info["source"])
+    maps = check_fits_every_split(model_cfg, manifests, info["source"])
+    if rt.is_main:
+        for m in maps.values():
+            print(f"bands: {m.summary()}", flush=True)
     net = encoder_only(FusMAE(model_cfg))
     if rt.is_main:
         _load_state(loaded["state"], net, info["source"])
     rt.sync_module(net.to(rt.device))  # on the device: NCCL broadcasts GPU tensors only
     digest = rt.broadcast(weights_digest(net.encoder_state_dict()) if rt.is_main else None)
-    return Pretrained(net, info["kind"], redact_url(e.pretrained), digest, info.get("tag"), info.get("step"),
+    return Pretrained(net, info["kind"], redact_url(e.pretrained), digest, maps, info.get("tag"), info.get("step"),
                       info.get("zero_stage"))
 
 

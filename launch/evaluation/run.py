@@ -15,6 +15,7 @@ import torch
 
 from launch.config import EvalConfig, save_config
 from launch.distributed import Runtime
+from launch.evaluation.bands import describe as describe_bands
 from launch.evaluation.data import PROCESS_CACHE, EvalData, MemoryCache, SplitCache
 from launch.evaluation.finetune import FineTuner
 from launch.evaluation.linear_probe import LinearProbe
@@ -39,6 +40,8 @@ def results_document(cfg: EvalConfig, rt: Runtime, pretrained: Pretrained, out: 
         "pretrained": pretrained.source,
         "pretrained_info": pretrained.describe(),
         "model": pretrained.cfg.to_dict(),
+        "pool": pretrained.cfg.pool,
+        "bands": describe_bands(pretrained.bands),
         "image_size": cfg.data.image_size,
         "epochs": e.epochs,
         "best_epoch": out["best_epoch"],
@@ -74,6 +77,7 @@ def evaluate(cfg: EvalConfig, memory: Optional[MemoryCache] = None) -> Optional[
         save_config(cfg, os.path.join(cfg.run.dir, "eval_config.yaml"))
     data = EvalData(cfg, rt)
     pretrained = load_pretrained(cfg, data.manifests, rt)
+    data.bands = pretrained.bands
     cache = SplitCache(cfg, rt, PROCESS_CACHE if memory is None else memory)
     if cfg.eval.protocol == "linear":
         out = LinearProbe(cfg, rt, data, pretrained, cache).run()

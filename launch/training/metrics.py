@@ -105,8 +105,8 @@ class MetricsLogger:
         mean = loss / count
         if not math.isfinite(mean):
             raise NonFiniteLoss(
-                f"non-finite loss ({mean}) at step {step}: stopping. Lower train.lr, check the data "
-                "statistics in the manifest, or keep train.bf16 with gradient clipping on."
+                f"non-finite loss ({mean}) at step {step}: stopping. Lower train.base_lr (or train.lr), check "
+                "the data statistics in the manifest, or keep train.bf16 with gradient clipping on."
             )
         row: dict[str, Any] = {
             "step": step,

@@ -21,7 +21,7 @@ import torch
 from launch import distributed
 from launch.config import ConfigError, PretrainConfig, deepspeed_config, save_config
 from launch.data.augment import DeviceAugment
-from launch.data.fit import check_model_fits
+from launch.data.fit import check_model_fits, derive_bands
 from launch.data.loader import LoaderSettings, PassLoader, ShardLoader
 from launch.training import checkpoint
 from launch.training.checkpoint import CheckpointWriter, Committed
@@ -49,11 +49,18 @@ class Trainer:
         self.device = self.rt.device
         torch.manual_seed(cfg.train.seed)
         os.makedirs(cfg.run.dir, exist_ok=True)
-        if self.rank == 0:
-            save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
 
         self.manifest = self._manifest()
+        derive_bands(cfg.model, self.manifest, "model.*")  # the shards' bands, by name, unless model.* says
         check_model_fits(cfg.model, self.manifest, "model.*", image_size=cfg.data.image_size)
+        try:
+            self.lr = cfg.train.peak_lr(self.world_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if self.rank == 0:  # the settings as run: the bands and counts filled in from the manifest
+            save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+            print(f"input bands: S1 {cfg.model.s1_bands}, S2 {cfg.model.s2_bands}", flush=True)
+            print(f"peak {cfg.train.describe_lr(self.world_size)}", flush=True)
         self.model = FusMAE(cfg.model)
 
         # Where to resume from must be known before the engine exists (universal loading is an engine option).
@@ -109,12 +116,12 @@ class Trainer:
         use_torch_adam = cfg.deepspeed.torch_adam if cfg.deepspeed.torch_adam is not None else not self.has_gpu
         groups = decay_groups(self.model, t.weight_decay, self.model.no_weight_decay())
         if use_torch_adam:
-            optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=self.has_gpu)
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(t.betas), fused=self.has_gpu)
         else:  # DeepSpeed's fused Adam, configured from the same schema
             optimizer = None
-            ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas),
+            ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": self.lr, "betas": list(t.betas),
                                                                   "weight_decay": t.weight_decay}}
-        schedule = warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr / t.lr)
+        schedule = warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr / self.lr)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=self.model, model_parameters=groups, optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), config=ds_config,
@@ -169,9 +176,17 @@ class Trainer:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt.tag}")
         self.step = int(client["step"])
         self.loader.load_state_dict(client["loader"])
+        # The schedule's peak comes back with the scheduler's state: a run keeps the rate it started with,
+        # also when it continues at another world size (where base_lr's rule alone would give another).
+        started = float(client.get("peak_lr", self.lr))
         if self.rank == 0:
             how = f"universal conversion from world size {ckpt.world_size}" if universal else "same world size"
             print(f"resumed from {redact_url(ckpt.url)}/{ckpt.tag} at step {self.step} ({how})", flush=True)
+            if abs(started - self.lr) > 1e-12 * max(started, self.lr):
+                rule = self.cfg.train.describe_lr(self.world_size)
+                print(f"keeping the run's peak lr {started:.4g} from its checkpoint ({rule} at this world size); "
+                      "start a new run to change it", flush=True)
+        self.lr = started
 
     def _fixed_batch(self) -> Optional[dict[str, Any]]:
         """A few samples, the same on every rank and every run, for the reconstruction pictures."""
@@ -192,6 +207,7 @@ class Trainer:
             "run_id": self.run_id,
             "world_size": self.world_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
+            "peak_lr": self.lr,  # base_lr x global batch / 256, or train.lr
             "config": self.cfg.to_dict(redacted=True),
             # lets deepspeed.checkpoint.ds_to_universal convert this checkpoint for another world size
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},

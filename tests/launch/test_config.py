@@ -43,7 +43,7 @@ def test_presets_give_standard_vit_widths():
 
 def test_overrides_take_precedence_and_are_typed():
     cfg = load_config(str(ROOT / "configs/debug.yaml"), REQUIRED + [
-        "train.max_steps=7", "model.fusion=concat", "model.depth=2", "train.lr=0.01", "train.betas=[0.8,0.9]",
+        "train.max_steps=7", "model.fusion=concat", "model.depth=2", "train.lr=0.01", "train.base_lr=null", "train.betas=[0.8,0.9]",
         "checkpoint.dir=s3://bucket/run", "resume=auto",
     ])
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
@@ -51,6 +51,8 @@ def test_overrides_take_precedence_and_are_typed():
     assert cfg.train.lr == pytest.approx(0.01)
     assert list(cfg.train.betas) == [0.8, 0.9]
     assert cfg.resume == "auto"
+    assert cfg.model.s2_channels is None  # left to the manifest
+    cfg.model.s1_channels, cfg.model.s2_channels = 2, 12  # as derive_bands sets them from a manifest
     FusMAE(cfg.model)  # the merged model config builds a network
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, S3_ENV, bigearthnet_shards, deepspeed, run_module
+from conftest import ROOT, S3_ENV, bigearthnet_shards, deepspeed, run_module, ssl4eo_shards
 from launch.config import ConfigError, EvalConfig, load_eval_config
 from launch.distributed import Runtime
 from launch.evaluation import MemoryCache, evaluate
@@ -42,11 +42,17 @@ def ben(tmp_path_factory) -> dict[str, str]:
             "test": str(shards / "test" / "manifest.json")}
 
 
-def _pretrain(tmp_path_factory, ben: dict[str, str], stage: int) -> Path:
-    """A short pretraining run of configs/debug.yaml on the BigEarthNet training shards (12 S2 bands)."""
+TINY_VIT_B = ["model.size=tiny", "model.patch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=1",
+              "train.warmup_steps=1", "train.bf16=false", "data.num_workers=1", "data.shuffle_buffer=8",
+              "train.log_every=2"]
+"""configs/vit_b.yaml shrunk to CPU size: every other setting (norm_pix_loss, base_lr, betas, ...) the recipe's."""
+
+
+def _pretrain(tmp_path_factory, manifest: str, stage: int, recipe: str = "debug.yaml", *extra: str) -> Path:
+    """A short pretraining run of ``recipe`` on ``manifest``'s shards; the bands come from the manifest."""
     run = tmp_path_factory.mktemp(f"pretrain_zero{stage}")
-    deepspeed(2, "launch/train.py", "--config", str(ROOT / "configs" / "debug.yaml"), f"data.manifest={ben['train']}",
-              "model.s2_channels=12", "data.image_size=32", "data.num_workers=1", "train.max_steps=4",
+    deepspeed(2, "launch/train.py", "--config", str(ROOT / "configs" / recipe), f"data.manifest={manifest}",
+              *extra, "data.image_size=32", "data.num_workers=1", "train.max_steps=4",
               "train.log_every=2", "checkpoint.every_steps=4", f"deepspeed.zero_stage={stage}",
               f"checkpoint.dir={run / 'ckpt'}", f"run.dir={run}")
     assert json.loads((run / "ckpt" / "latest").read_text())["tag"] == "step-00000004"
@@ -56,17 +62,19 @@ def _pretrain(tmp_path_factory, ben: dict[str, str], stage: int) -> Path:
 
 @pytest.fixture(scope="module")
 def zero0(tmp_path_factory, ben) -> Path:
-    return _pretrain(tmp_path_factory, ben, 0)
+    return _pretrain(tmp_path_factory, ben["train"], 0)
 
 
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory, ben) -> Path:
-    return _pretrain(tmp_path_factory, ben, 2)
+    return _pretrain(tmp_path_factory, ben["train"], 2)
 
 
 @pytest.fixture(scope="module")
-def zero3(tmp_path_factory, ben) -> Path:
-    return _pretrain(tmp_path_factory, ben, 3)
+def zero3(tmp_path_factory) -> Path:
+    """The ViT-B recipe (tiny) on SSL4EO-S12 L1C shards: a 13-band encoder, evaluated on 12-band BigEarthNet."""
+    l1c = ssl4eo_shards(tmp_path_factory.mktemp("l1c"))
+    return _pretrain(tmp_path_factory, str(l1c / "manifest.json"), 3, "vit_b.yaml", *TINY_VIT_B)
 
 
 def data_overrides(ben: dict[str, str]) -> list[str]:
@@ -121,7 +129,15 @@ def test_end_to_end_from_every_kind_of_checkpoint(request, ben, tmp_path, source
     if source != "export":
         assert s["pretrained_info"]["zero_stage"] == int(source[-1])
         assert s["pretrained_info"]["tag"] == "step-00000004"
-    assert s["model"]["s2_channels"] == 12 and s["model"]["img_size"] == 32
+    assert s["model"]["img_size"] == 32
+    if source == "zero3":  # 13 L1C bands pretrained, 12 L2A bands downstream: B10 filled with its mean
+        assert s["model"]["s2_channels"] == 13 and s["model"]["s2_bands"][10] == "B10"
+        assert s["bands"]["s2"]["filled_with_mean"] == ["B10"] and s["bands"]["s2"]["dropped"] == []
+        assert s["model"]["norm_pix_loss"] is True  # the recipe's, not the model default
+    else:
+        assert s["model"]["s2_channels"] == 12 and s["bands"]["s2"]["filled_with_mean"] == []
+    assert s["bands"]["s1"] == {"encoder": ["VV", "VH"], "data": ["VV", "VH"], "filled_with_mean": [],
+                                "dropped": [], "encoder_names_assumed": False}
     assert s["train_subset"]["size"] == 20 and s["train_subset"]["of"] == 20
     if protocol == "linear":
         assert list(tmp_path.glob("features-*.pt"))
@@ -170,12 +186,47 @@ def test_encoder_from_zero3_checkpoint_equals_the_export(ben, zero3, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_l1c_encoder_sees_bigearthnet_bands_in_its_own_order_with_b10_at_its_mean(ben, zero3, tmp_path, capsys):
+    cfg = eval_cfg(ben, tmp_path, str(zero3))
+    rt = Runtime()
+    data = EvalData(cfg, rt)
+    pretrained = load_pretrained(cfg, data.manifests, rt)
+    assert "bands: S2: 12 data bands -> the encoder's 13; filled with their mean (0 after normalisation): B10" \
+        in capsys.readouterr().out
+    batch = next(iter(data.pass_loader("test")))
+    plain_s1, plain_s2 = data.images(batch)  # no map yet: the shards' 12 bands, normalised
+    data.bands = pretrained.bands
+    s1, s2 = data.images(batch)
+    l1c, l2a = pretrained.cfg.s2_bands, data.manifests["test"].bands("s2")
+    assert s2.shape[1] == 13 == len(l1c) and plain_s2.shape[1] == 12 == len(l2a) and "B10" not in l2a
+    assert torch.count_nonzero(s2[:, l1c.index("B10")]) == 0
+    for j, band in enumerate(l1c):
+        if band != "B10":
+            torch.testing.assert_close(s2[:, j], plain_s2[:, l2a.index(band)], rtol=0, atol=0)
+    torch.testing.assert_close(s1, plain_s1, rtol=0, atol=0)
+    features = pretrained.net.encode(s1, s2)  # what the probe sees: the 13-band encoder runs on them
+    assert features.shape == (s2.shape[0], pretrained.cfg.embed_dim) and torch.isfinite(features).all()
+
+
+@pytest.mark.slow
+def test_eval_pool_overrides_the_checkpoints_pooled_feature(ben, zero2, tmp_path):
+    mean = evaluate(eval_cfg(ben, tmp_path / "mean", str(zero2), "eval.pool=mean"), memory=MemoryCache())
+    cls = evaluate(eval_cfg(ben, tmp_path / "cls", str(zero2), "eval.pool=cls"), memory=MemoryCache())
+    assert mean["settings"]["pool"] == "mean" and mean["settings"]["model"]["pool"] == "mean"
+    assert cls["settings"]["pool"] == "cls" and cls["settings"]["model"]["pool"] == "cls"
+    assert mean["per_class_ap"] != cls["per_class_ap"]  # another feature, another probe
+    default = evaluate(eval_cfg(ben, tmp_path / "ckpt", str(zero2)), memory=MemoryCache())
+    assert default["settings"]["pool"] == "mean"  # configs/debug.yaml pretrains with the model default
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["xattn", "concat", "stack", "s1", "s2"])
 def test_random_init_baseline_for_every_fusion(ben, tmp_path, fusion):
     lin = evaluate(eval_cfg(ben, tmp_path / "linear", "none", f"model.fusion={fusion}", "eval.epochs=5"),
                    memory=MemoryCache())
     check_results(lin, tmp_path / "linear")
     assert lin["settings"]["pretrained_info"]["kind"] == "none" and lin["settings"]["model"]["fusion"] == fusion
+    assert lin["settings"]["model"]["s2_bands"] == json.loads(Path(ben["train"]).read_text())["modalities"]["s2"]["bands"]
     ft = evaluate(eval_cfg(ben, tmp_path / "ft", "none", f"model.fusion={fusion}", *FAST_FINETUNE, "eval.epochs=1",
                            "data.augment=false"), memory=MemoryCache())
     check_results(ft, tmp_path / "ft")
@@ -198,12 +249,14 @@ def test_command_line_baseline(ben, tmp_path):
 def test_mismatched_or_missing_checkpoints_fail_clearly(ben, tmp_path):
     from launch.training.export import export_encoder
 
-    cfg13 = FusMAEConfig.preset("tiny", patch_size=8, s2_channels=13, img_size=32)
-    export_encoder(FusMAE(cfg13).encoder_state_dict(), cfg13, {}, str(tmp_path / "l1c"))
-    with pytest.raises(ConfigError, match=r"model\.s2_channels=13.*12 S2 bands"):
-        evaluate(eval_cfg(ben, tmp_path / "run", str(tmp_path / "l1c" / "encoder.safetensors")), memory=MemoryCache())
-    with pytest.raises(ConfigError, match=r"model\.s2_channels=13"):
-        evaluate(eval_cfg(ben, tmp_path / "run", str(tmp_path / "l1c")), memory=MemoryCache())
+    odd = FusMAEConfig.preset("tiny", patch_size=8, s2_channels=5, img_size=32)  # 5 unnamed bands: no standard list
+    export_encoder(FusMAE(odd).encoder_state_dict(), odd, {}, str(tmp_path / "odd"))
+    with pytest.raises(ConfigError, match=r"5 S2 input bands have no recorded names"):
+        evaluate(eval_cfg(ben, tmp_path / "run", str(tmp_path / "odd" / "encoder.safetensors")), memory=MemoryCache())
+    rgbn = FusMAEConfig.preset("tiny", patch_size=8, s2_bands=["R", "G", "B", "NIR"], img_size=32)
+    export_encoder(FusMAE(rgbn).encoder_state_dict(), rgbn, {}, str(tmp_path / "rgbn"))
+    with pytest.raises(ConfigError, match=r"\['R', 'G', 'B', 'NIR'\].*have 0 in common: too little"):
+        evaluate(eval_cfg(ben, tmp_path / "run", str(tmp_path / "rgbn")), memory=MemoryCache())
     cfg12 = FusMAEConfig.preset("tiny", patch_size=8, s2_channels=12, img_size=32)
     export_encoder(FusMAE(cfg12).encoder_state_dict(), cfg12, {}, str(tmp_path / "l2a"))
     with pytest.raises(ConfigError, match=r"data\.image_size=36.*patch_size=8"):

@@ -43,6 +43,8 @@ def test_every_eval_recipe_loads_against_the_schema(path):
             got = getattr(getattr(cfg, section), key)
             assert got == value or list(got) == value, f"{path.name}: {section}.{key}"
     assert cfg.model.img_size == cfg.data.image_size
+    assert cfg.model.s2_channels is None  # the baseline's bands come from the training manifest
+    cfg.model.s1_channels, cfg.model.s2_channels = 2, 12  # as derive_bands sets them for BigEarthNet
     FusMAE(cfg.model)  # the baseline architecture of every recipe builds
 
 

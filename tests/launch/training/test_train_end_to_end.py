@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -43,9 +44,18 @@ def common(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_path, s3_bucket):
     # uninterrupted, checkpoints to a local folder
     a = tmp_path / "a"
-    train(2, *common(shards, a, "train.max_steps=8", "checkpoint.every_steps=4", f"checkpoint.dir={a / 'ckpt'}"))
+    first = train(2, *common(shards, a, "train.max_steps=8", "checkpoint.every_steps=4", f"checkpoint.dir={a / 'ckpt'}"))
     full = metrics(a)
     assert [r["step"] for r in full] == list(range(1, 9))
+    # MAE's rule: configs/debug.yaml's base_lr 0.032 x global batch (4 per rank x 2 ranks) / 256 = 1e-3, the
+    # rate after the 2 warm-up steps; the schedule then decays it (cosine, to min_lr 0)
+    peak = 0.032 * 4 * 2 / 256
+    assert "peak lr 0.001 = base_lr 0.032 x global batch 8 (4 x 1 accumulation x 2 ranks) / 256" in first.stdout
+    assert max(r["lr"] for r in full) == pytest.approx(peak, rel=1e-9)
+    assert full[-1]["lr"] < full[2]["lr"] < peak
+    # the bands came from the manifest and the run's config.yaml says which
+    saved = (a / "config.yaml").read_text()
+    assert "s2_channels: 13" in saved and "- B10" in saved and "input bands: S1 ['VV', 'VH']" in first.stdout
     for r in full:
         for key in ("loss", "loss_s1", "loss_s2", "lr", "samples_per_s"):
             assert np.isfinite(r[key])
@@ -127,6 +137,11 @@ def test_resume_at_a_different_world_size(shards, tmp_path):
     assert "universal conversion from world size 2" in proc.stdout
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in rows)
+    # the run keeps the rate it started with (base_lr 0.032 x 8 / 256 at 2 ranks), not 1 rank's half of it:
+    # after 2 warm-up steps a cosine from 1e-3 to 0 over steps 2..6
+    assert "keeping the run's peak lr 0.001 from its checkpoint (lr 0.0005 = base_lr 0.032" in proc.stdout
+    expected = [1e-3] * 2 + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(3, 7)]
+    np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-9, atol=1e-15)
 
 
 def test_corrupt_shard_is_skipped_and_ranks_stay_in_step(shards, tmp_path):
@@ -152,6 +167,7 @@ def test_bad_config_fails_before_launching_work(shards, tmp_path):
     proc = train(1, f"data.manifest={shards / 'manifest.json'}", "model.s2_channels=12", f"run.dir={tmp_path}",
                      check=False)
     assert proc.returncode != 0 and "model.s2_channels=12" in proc.stderr + proc.stdout
+    assert "hold 13 S2 bands" in proc.stderr + proc.stdout and "leave model.s2_channels unset" in proc.stderr + proc.stdout
 
 
 def test_torchrun_launch(shards, tmp_path):
