@@ -419,3 +419,36 @@ def test_small_subsets_read_with_fewer_workers(ben, tmp_path, caplog):
     subset = choose_subset(index.keys, index.labels, index.positions, 0.05, 0)
     with pytest.raises(ConfigError, match=r"eval\.label_fraction=0\.05 selects 1 training sample.*2 processes"):
         data.train_stream(subset, batch_size=4, seed=0)
+
+
+@pytest.mark.slow
+def test_seeds_aggregate_into_one_table_per_checkpoint(ben, zero2, tmp_path):
+    sweep, shared = tmp_path / "sweep", tmp_path / "features"
+    docs = {}
+    for seed in (0, 1, 2):
+        run = sweep / f"zero2-seed{seed}"
+        docs[seed] = evaluate(eval_cfg(ben, run, str(zero2), "eval.label_fraction=0.5", f"eval.seed={seed}",
+                                       f"eval.feature_cache_dir={shared}"), memory=MemoryCache())
+    base = evaluate(eval_cfg(ben, sweep / "random-seed0", "none", "eval.label_fraction=0.5"), memory=MemoryCache())
+    proc = run_module("launch.evaluation.aggregate", str(sweep), "--out", str(tmp_path / "summary"))
+    assert "4 run(s) in 2 row(s)" in proc.stdout
+    rows = json.loads((tmp_path / "summary" / "summary.json").read_text())["rows"]
+    pre = next(r for r in rows if r["pretrained"] != "none")
+    assert pre["seeds"] == [0, 1, 2] and pre["protocol"] == "linear" and pre["label_fraction"] == 0.5
+    for metric in ("map_macro", "map_micro", "f1_macro", "f1"):
+        values = [docs[s][metric] for s in (0, 1, 2)]
+        assert pre[metric]["values"] == values
+        assert pre[metric]["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        assert pre[metric]["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    rand = next(r for r in rows if r["pretrained"] == "none")
+    assert rand["seeds"] == [0] and rand["map_macro"] == {"mean": base["map_macro"], "std": None,
+                                                          "values": [base["map_macro"]]}
+    md = (tmp_path / "summary" / "results.md").read_text()
+    mean, std = pre["map_macro"]["mean"], pre["map_macro"]["std"]
+    assert f"| linear | 50% | mean | 3 | {mean:.4f} ± {std:.4f} |" in md and "## none" in md
+    # the same seed twice for one evaluation is refused, and nothing is written
+    shutil.copytree(sweep / "zero2-seed1", tmp_path / "again" / "zero2-seed1")
+    proc = run_module("launch.evaluation.aggregate", str(sweep), str(tmp_path / "again"), "--out",
+                      str(tmp_path / "summary2"), check=False)
+    assert proc.returncode == 2 and "seed 1 appears twice" in proc.stderr
+    assert not (tmp_path / "summary2").exists()
