@@ -27,6 +27,8 @@ PROTOCOLS = ("linear", "finetune")
 OPTIMIZERS = ("sgd", "adamw")
 RESUMES = ("none", "auto")
 EVAL_POOLS = ("checkpoint", *POOLS)
+TASKS = ("multilabel", "singlelabel")
+"""The prediction tasks (`launch.evaluation.task`)."""
 
 
 @dataclass
@@ -96,6 +98,9 @@ class ProtocolConfig:
     patch embedding and tokens get layer_decay^(n + 1), the final norm and the head 1 (BEiT / MAE)."""
     encoder_lr_scale: float = 1.0
     """Finetune: an extra factor on every encoder learning rate (0 freezes the encoder's updates)."""
+    task: str = "multilabel"
+    """multilabel: the json's label_vector, sigmoid + BCE, mAP (BigEarthNet, SEN12MS multi-label); singlelabel:
+    its label_index, softmax + cross-entropy, accuracy and macro F1 (SEN12MS single-label)."""
     pool: str = "checkpoint"
     """The pooled feature the head sees: mean (of all patch tokens of both modalities), cls (the class
     token: the MAE / DINO-MM linear-probe convention), or checkpoint (what the pretrained config says)."""
@@ -142,6 +147,7 @@ class ProtocolConfig:
         check(0.0 < self.layer_decay <= 1.0, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         check(self.encoder_lr_scale >= 0, "encoder_lr_scale", f"must be >= 0, got {self.encoder_lr_scale}")
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.task in TASKS, "task", f"{self.task!r} is not one of {TASKS}")
         check(self.pool in EVAL_POOLS, "pool", f"{self.pool!r} is not one of {EVAL_POOLS}")
         check(self.resume in RESUMES, "resume", f"{self.resume!r} is not one of {RESUMES}")
         check(self.stop_at_epoch is None or self.stop_at_epoch >= 1, "stop_at_epoch",

@@ -10,8 +10,9 @@
 - `SplitCache`: split outputs in memory (`MemoryCache`, for the runs of a sweep in one
   process) and as ``<feature_cache_dir>/<prefix>-<hash>.pt`` files.
 
-Labels are each sample's json ``label_vector`` (BigEarthNet's 19 classes, in the
-manifest's ``source.label_classes`` order).
+Labels are each sample's json ``label_vector`` (BigEarthNet's 19 classes, SEN12MS's 10, in the
+manifest's ``source.label_classes`` order), or its ``label_index`` as a one-hot row for
+``eval.task=singlelabel`` (`task.Task`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from launch.data.reader import Selection
 from launch.distributed import Runtime
 from launch.evaluation.bands import BandMap, apply_maps
 from launch.evaluation.subset import TrainSubset
+from launch.evaluation.task import Task
 from pipeline.index import read_index
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.sources.bigearthnet import BIGEARTHNET_19_CLASSES
@@ -62,14 +64,6 @@ class SplitOutput:
     """(N, K) float32: pooled features or class probabilities; K = 0 for a metadata pass."""
     positions: list[tuple[str, int]]
     """(shard name, byte offset) of each sample: where a `Selection` reads it."""
-
-
-def label_vector(meta: Optional[dict[str, Any]], key: str) -> list[int]:
-    vec = (meta or {}).get("label_vector")
-    if vec is None:
-        raise ConfigError(f"sample {key} has no `label_vector` in its json: evaluation needs labelled shards "
-                          "(BigEarthNet preprocessed by pipeline.preprocess --source bigearthnet)")
-    return [int(v) for v in vec]
 
 
 def load_manifests(cfg: EvalConfig) -> dict[str, Manifest]:
@@ -96,6 +90,7 @@ class EvalData:
         # Every split is normalised with the training split's statistics.
         self.augment = DeviceAugment.for_manifest(self.manifests["train"], cfg.data.image_size).to(rt.device)
         self._loaders: dict[tuple[str, Optional[str]], PassLoader] = {}
+        self.task = Task(cfg.eval.task)
         self.bands: dict[str, BandMap] = {}
         """Set from the loaded encoder (`Pretrained.bands`); empty: the bands as they are."""
 
@@ -166,7 +161,7 @@ class EvalData:
                           dynamic_ncols=True):
             keys.extend(batch["keys"])
             positions.extend((str(s), int(o)) for s, o in batch["positions"])
-            labels.extend(label_vector(m, k) for m, k in zip(batch["meta"], batch["keys"]))
+            labels.extend(self.task.label(m, k) for m, k in zip(batch["meta"], batch["keys"]))
             if fn is not None:
                 s1, s2 = self.images(batch)
                 with torch.no_grad():
@@ -196,13 +191,15 @@ class EvalData:
         (`pipeline.index`: one small file, no shard bytes read) when it has one with labels, else from a
         metadata pass over the shards (tar headers and json members; cached)."""
         m = self.manifests["train"]
-        index = self.rt.on_main(lambda: read_index(m, self.cfg.data.storage_options))
+        # The index holds label vectors: multi-label only (single-label reads label_index from the json members).
+        index = self.rt.on_main(lambda: read_index(m, self.cfg.data.storage_options)) \
+            if self.task.name == "multilabel" else None
         if index is not None and index.labels is not None:
             if self.rt.is_main:
                 print(f"training label index: {m.shown} has a sample index ({len(index.keys)} samples)", flush=True)
             return self._sorted("train", [(index.keys, index.labels, np.zeros((len(index.keys), 0), np.float32),
                                            index.positions)])
-        key = cache.key(kind="labels", version=CACHE_VERSION, manifest=m.fingerprint)
+        key = cache.key(kind="labels", version=CACHE_VERSION, manifest=m.fingerprint, task=self.task.name)
         out = cache.get_or_make("labels", key, lambda: self.run("train", None, "labels train"),
                                 "training label index", note="reused from")
         assert out is not None  # everywhere=True

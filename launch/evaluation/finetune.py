@@ -1,4 +1,5 @@
-"""Fine-tuning: encoder + linear head trained end to end (DDP over every process), best epoch by val mAP.
+"""Fine-tuning: encoder + linear head trained end to end (DDP over every process), best epoch by the task's
+validation metric (macro mAP, or accuracy for single-label).
 
 The training stream is a `ShardLoader` over the label subset's samples only (a `Selection`
 of the metadata pass's positions): the pretraining augmentation (random resized crop +
@@ -30,8 +31,7 @@ from tqdm import tqdm
 from launch.config import ConfigError, EvalConfig
 from launch.distributed import Runtime
 from launch.evaluation.data import EvalData, SplitCache, SplitOutput
-from launch.evaluation.head import Classifier, bce
-from launch.evaluation.metrics import multilabel_metrics
+from launch.evaluation.head import Classifier
 from launch.evaluation.optim import layer_decay_groups, make_optimizer, make_schedule, peak_lr
 from launch.evaluation.pretrained import RUNTIME_FIELDS, Pretrained
 from launch.evaluation.subset import choose_subset
@@ -128,7 +128,7 @@ class FineTuneCheckpoints:
 
 
 class FineTuner:
-    """Encoder + linear head trained end to end (DDP over every process), best epoch by validation mAP."""
+    """Encoder + linear head trained end to end (DDP over every process), best epoch by the task's validation metric."""
 
     def __init__(self, cfg: EvalConfig, rt: Runtime, data: EvalData, pretrained: Pretrained, cache: SplitCache):
         self.cfg, self.rt, self.data, self.pretrained = cfg, rt, data, pretrained
@@ -162,7 +162,7 @@ class FineTuner:
         self.loader = data.train_stream(self.subset, e.batch_size, e.seed)
 
         self.epoch = 0
-        self.best: dict[str, Any] = {"epoch": 0, "val_map_macro": -1.0, "weights": None}
+        self.best: dict[str, Any] = {"epoch": 0, "val_map_macro": -1.0, "val_score": -1.0, "weights": None}
         self.history: list[dict[str, Any]] = []
         self.store = FineTuneCheckpoints(cfg.checkpoint_dir, rt, e.storage_options) if e.checkpoint_every else None
         self._resume()
@@ -212,7 +212,7 @@ class FineTuner:
         s1, s2 = self.data.images(batch, augment=self.cfg.data.augment)
         with self.autocast:
             logits = self.ddp(s1, s2)
-        loss = bce(logits, y)
+        loss = self.data.task.loss(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.eval.grad_clip:
@@ -227,7 +227,7 @@ class FineTuner:
 
         def probs(s1: Tensor, s2: Tensor) -> Tensor:
             with self.autocast:
-                return torch.sigmoid(self.model(s1, s2).float())
+                return self.data.task.probs(self.model(s1, s2))
 
         out = self.data.run(split, probs, f"predict {split}")
         self.model.train()
@@ -249,16 +249,20 @@ class FineTuner:
         """Score the epoch just trained on the validation split; keep its weights if it is the best."""
         e = self.cfg.eval
         val = self.predict("val")
-        score = multilabel_metrics(val.labels, val.values, self.names)["map_macro"]
-        score = -1.0 if score is None else score
-        self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_map_macro": score,
+        task = self.data.task
+        metrics = task.metrics(val.labels, val.values, self.names)
+        score, val_map = task.score(metrics), metrics["map_macro"]
+        val_map = -1.0 if val_map is None else val_map
+        self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_map_macro": val_map,
+                             **({"val_accuracy": metrics["accuracy"]} if "accuracy" in metrics else {}),
                              "lr": max(self.scheduler.get_last_lr())})
-        if score > self.best["val_map_macro"] or self.best["weights"] is None:
-            self.best = {"epoch": self.epoch, "val_map_macro": score,
+        best = self.best.get("val_score", self.best["val_map_macro"])
+        if score > best or self.best["weights"] is None:
+            self.best = {"epoch": self.epoch, "val_map_macro": val_map, "val_score": score,
                          "weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
         if self.rt.is_main:
-            print(f"epoch {self.epoch}/{e.epochs}: train loss {train_loss:.4f}, val mAP {score:.4f} "
-                  f"(best {self.best['val_map_macro']:.4f} at epoch {self.best['epoch']})", flush=True)
+            print(f"epoch {self.epoch}/{e.epochs}: train loss {train_loss:.4f}, val {task.select} {score:.4f} "
+                  f"(best {self.best.get('val_score', -1.0):.4f} at epoch {self.best['epoch']})", flush=True)
 
     def train(self) -> Optional[dict[str, Any]]:
         """Train to ``eval.epochs`` (or ``stop_at_epoch``); the test results of the best epoch on rank 0,
@@ -283,6 +287,9 @@ class FineTuner:
         test = self.predict("test")
         if not self.rt.is_main:
             return None
-        return {"test": multilabel_metrics(test.labels, test.values, self.names), "best_epoch": self.best["epoch"],
-                "val_map_macro": self.best["val_map_macro"], "history": self.history,
+        task = self.data.task
+        return {"test": task.metrics(test.labels, test.values, self.names), "best_epoch": self.best["epoch"],
+                "val_map_macro": self.best["val_map_macro"],
+                "val_score": self.best.get("val_score", self.best["val_map_macro"]), "selected_by": task.select,
+                "history": self.history,
                 "subset": self.subset.description, "lr": self.lr, "batch_size": self.global_batch}

@@ -1,8 +1,8 @@
-"""The classification head both protocols train, and its loss.
+"""The classification head both protocols train.
 
 A linear layer on the encoder's pooled features (``FusMAE.encode``: (B, D)) giving (B, C)
-multi-label logits, initialised as MAE's linear probe (weights N(0, 0.01), bias 0), and
-the mean binary cross-entropy over samples and classes.
+logits, initialised as MAE's linear probe (weights N(0, 0.01), bias 0). The loss is the
+task's (`task.Task.loss`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import FusMAE
@@ -39,8 +38,3 @@ class Classifier(nn.Module):
         c = self.encoder.cfg
         feats = self.encoder.encode(s1 if c.uses_s1 else None, s2 if c.uses_s2 else None)  # (B, D)
         return self.head(feats)
-
-
-def bce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Multi-label loss: mean binary cross-entropy over samples and classes, in float32."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from launch.config import EvalConfig
 from launch.distributed import Runtime
 from launch.evaluation.data import CACHE_VERSION, SPLITS, EvalData, SplitCache, SplitOutput
-from launch.evaluation.head import bce, linear_head
-from launch.evaluation.metrics import multilabel_metrics
+from launch.evaluation.head import linear_head
+from launch.evaluation.task import Task
 from launch.evaluation.optim import make_optimizer, make_schedule, peak_lr
 from launch.evaluation.pretrained import RUNTIME_FIELDS, Pretrained
 from launch.evaluation.subset import TrainSubset, choose_subset
@@ -46,7 +46,7 @@ class LinearProbe:
         """Pooled features of ``split`` (of the ``subset``'s samples only, if given) on rank 0; None elsewhere."""
         m = self.data.manifests[split]
         net_cfg = {k: v for k, v in self.pretrained.cfg.to_dict().items() if k not in RUNTIME_FIELDS}
-        key = self.cache.key(kind="features", version=CACHE_VERSION, weights=self.pretrained.digest,
+        key = self.cache.key(kind="features", version=CACHE_VERSION, weights=self.pretrained.digest, task=self.data.task.name,
                              model=net_cfg, manifest=m.fingerprint, image_size=self.cfg.data.image_size,
                              stats=self.data.manifests["train"].stats, bf16=self.autocast_enabled,
                              subset=None if subset is None else subset.digest)
@@ -97,31 +97,34 @@ class LinearProbe:
         opt = make_optimizer(cfg, groups, lr)
         sched = make_schedule(cfg, opt, steps, lr)
         names = self.data.class_names(C)
+        task = self.data.task
 
         best = (-1.0, 0, copy.deepcopy(head.state_dict()))
         history = []
         bar = tqdm(range(e.epochs), desc="linear probe", dynamic_ncols=True)
         for epoch in bar:
-            train_loss = self._epoch(head, opt, sched, X["train"], Y["train"], bs, g)
+            train_loss = self._epoch(head, opt, sched, X["train"], Y["train"], bs, g, task)
             if not math.isfinite(train_loss):
                 raise RuntimeError(f"linear probe: non-finite training loss at epoch {epoch + 1}")
             with torch.no_grad():
-                val = multilabel_metrics(feats["val"].labels, torch.sigmoid(head(X["val"])).numpy(), names)
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_map_macro": val["map_macro"]})
-            score = val["map_macro"] if val["map_macro"] is not None else -1.0
+                val = task.metrics(feats["val"].labels, task.probs(head(X["val"])).numpy(), names)
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_map_macro": val["map_macro"],
+                            **({"val_accuracy": val["accuracy"]} if "accuracy" in val else {})})
+            score = task.score(val)
             if score > best[0]:
                 best = (score, epoch + 1, copy.deepcopy(head.state_dict()))
             bar.set_postfix(loss=f"{train_loss:.4f}", val_map=f"{score:.4f}", best=best[1], refresh=False)
         head.load_state_dict(best[2])
         with torch.no_grad():
-            probs = torch.sigmoid(head(X["test"])).numpy()
-        test = multilabel_metrics(feats["test"].labels, probs, names)
-        return {"test": test, "best_epoch": best[1], "val_map_macro": best[0], "history": history,
+            probs = task.probs(head(X["test"])).numpy()
+        test = task.metrics(feats["test"].labels, probs, names)
+        return {"test": test, "best_epoch": best[1], "val_map_macro": history[best[1] - 1]["val_map_macro"],
+                "val_score": best[0], "selected_by": task.select, "history": history,
                 "lr": lr, "batch_size": bs}
 
     @staticmethod
     def _epoch(head: nn.Linear, opt: torch.optim.Optimizer, sched: Any, x: Tensor, y: Tensor, bs: int,
-               g: torch.Generator) -> float:
+               g: torch.Generator, task: Task) -> float:
         """One shuffled pass over (x, y) in batches of ``bs``; the mean loss (one host read)."""
         n = len(x)
         steps = math.ceil(n / bs)
@@ -129,7 +132,7 @@ class LinearProbe:
         total = torch.zeros(())
         for b in range(steps):
             sel = perm[b * bs:(b + 1) * bs]
-            loss = bce(head(x[sel]), y[sel])
+            loss = task.loss(head(x[sel]), y[sel])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,4 +1,4 @@
-"""Multi-label metrics of the test split (and of the validation split, for model selection).
+"""Multi-label and single-label metrics of the test split (and of the validation split, for model selection).
 
 `average_precision` is scikit-learn's definition (no interpolation); `multilabel_metrics` gives
 macro / micro mAP, micro / macro F1 at a threshold and the per-class values; `format_table`
@@ -66,6 +66,36 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, names: Optional[li
     }
 
 
+def singlelabel_metrics(y_true: np.ndarray, probs: np.ndarray, names: Optional[list[str]] = None) -> dict[str, Any]:
+    """Single-label metrics of class probabilities ``probs`` (N, C) against one-hot ``y_true`` (N, C).
+
+    - accuracy: top-1, the predicted class ``argmax(probs)``;
+    - f1_macro: the mean per-class F1 over the classes that are true or predicted for some sample
+      (scikit-learn's ``f1_score(average="macro")``); per_class_f1 None for the others;
+    - f1: micro F1, which for one label per sample equals the accuracy;
+    - map_macro, map_micro, per_class_ap: as `multilabel_metrics`, of the probabilities.
+    """
+    y = np.asarray(y_true).astype(bool)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.shape != p.shape or y.ndim != 2:
+        raise ValueError(f"y_true {y.shape} and probs {p.shape} must be the same (N, C) shape")
+    if not (y.sum(1) == 1).all():
+        raise ValueError("single-label metrics need exactly one true class per sample")
+    out = multilabel_metrics(y, p, names)
+    names = list(out["per_class_ap"])
+    true, pred = y.argmax(1), p.argmax(1)
+    f1s: list[Optional[float]] = []
+    for c in range(y.shape[1]):
+        tp, fp, fn = int(((pred == c) & (true == c)).sum()), int(((pred == c) & (true != c)).sum()), \
+            int(((pred != c) & (true == c)).sum())
+        f1s.append(float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None)
+    valid = [f for f in f1s if f is not None]
+    accuracy = float((true == pred).mean())
+    out.update(accuracy=accuracy, f1=accuracy, f1_macro=float(np.mean(valid)) if valid else None,
+               per_class_f1=dict(zip(names, f1s)))
+    return out
+
+
 def format_table(metrics: dict[str, Any], title: str = "") -> str:
     """The per-class AP and the headline numbers as a text table."""
     width = min(max([len(n) for n in metrics["per_class_ap"]] + [10]), 60)
@@ -77,6 +107,8 @@ def format_table(metrics: dict[str, Any], title: str = "") -> str:
         show = name if len(name) <= width else name[: width - 1] + "…"
         lines.append(f"{show:<{width}}  {_cell(ap)}  {_cell(f1)}")
     lines.append("-" * (width + 16))
+    if "accuracy" in metrics:
+        lines.append(f"accuracy {_num(metrics['accuracy'])}")
     lines.append(f"mAP macro {_num(metrics['map_macro'])}   mAP micro {_num(metrics['map_micro'])}   "
                  f"F1 micro {_num(metrics['f1'])}   F1 macro {_num(metrics['f1_macro'])}   "
                  f"({metrics['num_samples']} samples, {metrics['classes_present']} classes present)")

@@ -1,7 +1,7 @@
 """One evaluation run: `evaluate(cfg)` and the results document it writes.
 
     eval.pretrained -> load_pretrained -> (checked against the shards) -> LinearProbe | FineTuner
-                    -> multilabel_metrics on the test split -> <run.dir>/results.json + a table
+                    -> the task's metrics on the test split (`task`) -> <run.dir>/results.json + a table
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ def results_document(cfg: EvalConfig, rt: Runtime, pretrained: Pretrained, out: 
         "epochs": e.epochs,
         "best_epoch": out["best_epoch"],
         "val_map_macro": out["val_map_macro"],
+        "task": e.task,
+        "selected_by": out["selected_by"],
+        "val_score": out["val_score"],
         "train_subset": out["subset"],
         "optimizer": e.optimizer,
         "lr": out["lr"],
@@ -56,7 +59,9 @@ def results_document(cfg: EvalConfig, rt: Runtime, pretrained: Pretrained, out: 
     }
     if e.protocol == "finetune":
         settings.update(layer_decay=e.layer_decay, encoder_lr_scale=e.encoder_lr_scale, augment=cfg.data.augment)
+    extra = {"accuracy": test["accuracy"]} if "accuracy" in test else {}
     return {
+        **extra,
         "map_macro": test["map_macro"], "map_micro": test["map_micro"], "f1": test["f1"],
         "f1_macro": test["f1_macro"], "per_class_ap": test["per_class_ap"], "per_class_f1": test["per_class_f1"],
         "num_test_samples": test["num_samples"], "test_classes_present": test["classes_present"],
@@ -92,7 +97,7 @@ def evaluate(cfg: EvalConfig, memory: Optional[MemoryCache] = None) -> Optional[
     write_bytes_atomic(fs, local, json.dumps(doc, indent=1).encode())
     title = (f"{cfg.eval.protocol} evaluation of {pretrained.source} on {redact_url(cfg.data.test_manifest)} "
              f"(label fraction {cfg.eval.label_fraction}, seed {cfg.eval.seed}, best epoch {out['best_epoch']}, "
-             f"val mAP {out['val_map_macro']:.4f})")
+             f"val {out['selected_by']} {out['val_score']:.4f})")
     print(format_table(out["test"], title), flush=True)
     print(f"results written to {path}", flush=True)
     return doc

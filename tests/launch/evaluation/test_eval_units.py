@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT
 from launch.config import ConfigError, EvalConfig, load_eval_config
 from launch.evaluation.head import Classifier
-from launch.evaluation.metrics import average_precision, multilabel_metrics
+from launch.evaluation.metrics import average_precision, multilabel_metrics, singlelabel_metrics
 from launch.evaluation.optim import layer_decay_groups
 from launch.evaluation.subset import choose_subset, keys_digest, select_subset, subset_size
 from model import FusMAE, FusMAEConfig
@@ -103,6 +103,26 @@ def test_metrics_match_scikit_learn():
     assert m["classes_present"] == int(present.sum()) == 6
     assert average_precision(np.zeros(5), np.arange(5)) is None
     assert average_precision(np.ones(4), np.zeros(4)) == pytest.approx(1.0)
+
+
+def test_single_label_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(1)
+    N, C = 200, 6
+    true = rng.choice(C - 1, N, p=[0.4, 0.3, 0.2, 0.05, 0.05])  # class 5 never true
+    logits = rng.normal(size=(N, C))
+    logits[np.arange(N), true] += 1.0
+    logits[:3, 5] += 10.0  # ... but predicted three times
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.eye(C, dtype=np.uint8)[true]
+    m = singlelabel_metrics(y, probs, [f"c{i}" for i in range(C)])
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(true, pred)) == pytest.approx(m["f1"])
+    assert m["f1_macro"] == pytest.approx(f1_score(true, pred, average="macro"))  # over true or predicted classes
+    assert m["per_class_f1"]["c5"] == 0.0 and m["per_class_ap"]["c5"] is None
+    with pytest.raises(ValueError, match="exactly one true class"):
+        singlelabel_metrics(np.ones((2, 3)), np.ones((2, 3)) / 3)
 
 
 # ----------------------------------------------------------------------------- label subsets
