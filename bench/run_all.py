@@ -99,6 +99,11 @@ def _label_subset(r: dict[str, Any]) -> list[Headline]:
              f"{r['small_over_split']:.4f}")]
 
 
+def _pretraining(r: dict[str, Any]) -> list[Headline]:
+    return [(f"pretrained - random init, linear probe mAP ({g['fusion']}, {g['pool']} pool)",
+             f"{g['gap_mean']:+.3f} ± {g['gap_std']:.3f}") for g in r["gaps"]]
+
+
 @dataclass
 class Bench:
     script: str
@@ -117,6 +122,8 @@ BENCHES: dict[str, Bench] = {
     "checkpoint": Bench("bench_checkpoint.py", _checkpoint, quick=["--size", "tiny", "--steps", "12", "--every", "4"]),
     "zero_memory": Bench("bench_zero_memory.py", _zero_memory, quick=["--size", "tiny", "--steps", "2"]),
     "label_subset": Bench("bench_label_subset.py", _label_subset, quick=["--patches", "200", "--fraction", "0.05"]),
+    "pretraining": Bench("bench_pretraining.py", _pretraining,
+                         quick=["--steps", "30", "--seeds", "2", "--epochs", "5", "--locations", "16"]),
     "train_gpu": Bench("bench_train_gpu.py", _train_gpu, quick=["--steps", "3", "--warmup", "1", "--batch-size", "8"]),
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -53,6 +53,8 @@ def make_shard_set(
     split: str = "train",
     storage_options: Optional[dict[str, Any]] = None,
     s2_bands: Optional[Sequence[str]] = None,
+    sample_fn: Optional[Callable[[int, np.random.Generator], Sample]] = None,
+    source: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write shards of ``shard_sizes`` samples and a manifest.json under ``folder_or_url``; return the manifest URL.
 
@@ -73,7 +75,8 @@ def make_shard_set(
             local = os.path.join(tmp, name)
             with ShardWriter(local) as writer:
                 for _ in range(size):
-                    sample = make_sample(number, hw, s2_channels, rng, s1_dtype, s2_dtype, labels, bands2)
+                    sample = (sample_fn(number, rng) if sample_fn is not None else
+                              make_sample(number, hw, s2_channels, rng, s1_dtype, s2_dtype, labels, bands2))
                     writer.write(sample)
                     m1 = m1.merge(BandMoments.of(sample.s1, np.isfinite(sample.s1)))
                     m2 = m2.merge(BandMoments.of(sample.s2, sample.s2 != S2_NODATA))
@@ -84,7 +87,7 @@ def make_shard_set(
         "format": "fusmae-webdataset",
         "format_version": 1,
         "split": split,
-        "source": {"name": "shardfactory", "seed": seed},
+        "source": source or {"name": "shardfactory", "seed": seed},
         "shards": records,
         "totals": {"shards": len(records), "samples": number, "bytes": sum(r["bytes"] for r in records),
                    "input_samples": number, "quarantined": 0},
