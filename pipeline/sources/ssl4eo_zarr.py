@@ -170,21 +170,23 @@ class SSL4EOZarr(Source):
     def s2_folder(self) -> str:
         return f"S2{self.options.s2_product}"
 
-    def _files(self) -> dict[str, dict[str, dict[str, str]]]:
+    def _files(self, listing: Optional[list[str]] = None) -> dict[str, dict[str, dict[str, str]]]:
         """{split: {number: {product folder: path}}} from one recursive listing."""
         out: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-        for path in self.fs.find(self.root):
+        for path in self.fs.find(self.root) if listing is None else listing:
             m = _FILE.search(path)
             if m:
                 out[m["split"]][m["num"]][m["product"]] = path
         return out
 
     def available_splits(self) -> list[str]:
-        files = self._files()
+        listing = self.fs.find(self.root)
+        files = self._files(listing)
         if not files:
             raise FileNotFoundError(
                 f"{self.input_url}: no SSL4EO-S12 v1.1 Zarr files "
                 "({train,val}/{S1GRD,S2L1C,S2L2A}/ssl4eos12_<split>_seasonal_data_NNNNNN.zarr.zip)"
+                + _other_release_hint(listing)
             )
         self._check_products({prod for nums in files.values() for prods in nums.values() for prod in prods})
         return [s for s in ("train", "val") if s in files] + sorted(set(files) - {"train", "val"})
@@ -382,3 +384,16 @@ class SSL4EOZarr(Source):
             max_pair_gap_days=self.options.max_pair_gap_days,
         )
         return d
+
+
+def _other_release_hint(listing: list[str]) -> str:
+    """Name the source that reads what was found instead, when it is one of the WebDataset releases."""
+    names = [p.rsplit("/", 1)[-1] for p in listing]
+    # Shard names of the WebDataset releases: {ssl4eos12,majortom}_shard_NNNNNN.tar (see sources/ssl4eo_wds.py
+    # and sources/terramesh.py for where each fact comes from).
+    if any(n.startswith("majortom_shard_") and n.endswith(".tar") for n in names):
+        return "; found TerraMesh WebDataset shards (majortom_shard_*.tar): use --source terramesh"
+    if any(n.startswith("ssl4eos12_shard_") and n.endswith(".tar") for n in names):
+        return ("; found WebDataset shards (ssl4eos12_shard_*.tar), the current SSL4EO-S12 v1.1 release: "
+                "use --source ssl4eo-wds (or --source terramesh for TerraMesh)")
+    return ""

@@ -382,3 +382,13 @@ def test_cli_names_the_missing_product_folder(tmp_path):
     assert proc.returncode == 2
     assert f"error: no S2L1C/ in {tmp_path / 'a'}; found S2L2A/: pass --s2-product L2A" in proc.stderr
     assert not (tmp_path / "o").exists()  # stopped before any work
+
+
+def test_the_zarr_source_on_a_webdataset_release_names_the_source_that_reads_it(ssl4eo, terramesh):
+    """Users who read the older instructions point --source ssl4eo-zarr at today's release: say what to use."""
+    with pytest.raises(FileNotFoundError) as err:
+        SOURCES["ssl4eo-zarr"](str(ssl4eo[0]), SourceOptions()).available_splits()
+    assert "no SSL4EO-S12 v1.1 Zarr files" in str(err.value) and "use --source ssl4eo-wds" in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:
+        SOURCES["ssl4eo-zarr"](str(terramesh[0]), SourceOptions()).available_splits()
+    assert "use --source terramesh" in str(err.value)
