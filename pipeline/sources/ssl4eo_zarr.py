@@ -210,12 +210,12 @@ class SSL4EOZarr(Source):
         jobs = []
         for num in sorted(pairs):
             s1, s2 = pairs[num].get(S1_PRODUCT), pairs[num].get(self.s2_folder)
-            if s1 and s2:
+            if s1 or s2:  # a file without its partner is inventoried too: each of its samples is a record
                 jobs.append((num, s1, s2))
-            else:
-                have = s1 or s2 or next(iter(pairs[num].values()))
-                missing = S1_PRODUCT if not s1 else self.s2_folder
-                rejects.append(Rejection(self.url(have), None, MISSING_PARTNER, f"no {missing} file with number {num}"))
+            else:  # only another product's file has this number: it holds nothing this job reads
+                have = next(iter(pairs[num].values()))
+                rejects.append(Rejection(self.url(have), None, MISSING_PARTNER,
+                                         f"no {S1_PRODUCT} and no {self.s2_folder} file with number {num}"))
         items: list[WorkItem] = []
         for its, rej in map_fn(self.inventory_pair, jobs):
             items.extend(its)
@@ -225,6 +225,8 @@ class SSL4EOZarr(Source):
     def inventory_pair(self, job: tuple[str, str, str]) -> tuple[list[WorkItem], list[Rejection]]:
         """Sample ids, times and metadata of one S1/S2 file pair, read from the Zarr metadata and coordinates."""
         num, p1, p2 = job
+        if p1 is None or p2 is None:
+            return [], self._unpaired(num, p1 or p2, S1_PRODUCT if p1 is None else self.s2_folder)
         coords = {tag: _file_metadata(self.fs, path) for tag, path in (("s1", p1), ("s2", p2))}
         if any(isinstance(c, Exception) for c in coords.values()):
             return [], self._unreadable(coords, {"s1": p1, "s2": p2})
@@ -247,6 +249,16 @@ class SSL4EOZarr(Source):
             items.extend(its)
             rejects.extend(rej)
         return items, rejects
+
+    def _unpaired(self, num: str, path: str, missing: str) -> list[Rejection]:
+        """One 'missing_partner' record per sample of a file whose partner file is absent (its metadata says which);
+        quarantine counts samples, so a lost file of 64 locations x 4 seasons is 256 records, not one."""
+        c = _file_metadata(self.fs, path)
+        detail = f"no {missing} file with number {num}"
+        if isinstance(c, Exception):  # neither file can tell which samples it held
+            return [Rejection(self.url(path), None, UNREADABLE, f"{detail}, and {type(c).__name__}: {c}")]
+        return [Rejection(self.url(path), sid, MISSING_PARTNER, detail, make_key(sid, f"t{t}"), t)
+                for sid in c["ids"] for t in range(c["ntime"])]
 
     def _unreadable(self, coords: dict[str, Any], paths: dict[str, str]) -> list[Rejection]:
         """Rejections for a file pair whose metadata cannot be read: the partner tells which samples are lost."""

@@ -139,25 +139,30 @@ def test_zarr_keep_offset_and_l2a(zarr_archive, tmp_path):
     np.testing.assert_array_equal(samples[f"{sid}_t1"]["s2.npy"], d2["bands"][0, 1].values)
 
 
-def test_zarr_corrupt_and_unpaired_files_are_quarantined(zarr_archive, tmp_path):
+def test_zarr_corrupt_and_unpaired_files_are_quarantined(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(zarr_archive, src)
+    inv = synthetic.make_ssl4eo_zarr(str(src), splits={"train": 2}, samples_per_file=3, size=48, seed=3)
+    # The expected counts come from the generator's inventory: per file, its locations x 4 seasons.
+    per_file = [[f"{sid}_t{t}" for sid in ids for t in range(4)] for ids in inv["splits"]["train"]["samples"]]
     s1_files = sorted((src / "train" / "S1GRD").glob("*.zarr.zip"))
     # truncate the first S1 file: its 3 locations x 4 times are lost, reported against the S1 file
     data = s1_files[0].read_bytes()
     s1_files[0].write_bytes(data[: len(data) // 3])
-    # remove the S2 partner of the second file: one 'missing_partner' line for the file
+    # remove the S2 partner of the second file: its samples are lost too, one record each
     (src / "train" / "S2L1C" / s1_files[1].name).unlink()
     out = tmp_path / "out"
     # every input is quarantined: the run fails with the reasons counted, leaves the report and commits nothing
     proc = preprocess("--source", "ssl4eo-zarr", "--input", str(src), "--output", str(out), "--workers", "1",
                       check=False)
     assert proc.returncode == 2
-    assert "no sample written: all 13 input samples were quarantined (unreadable 12, missing_partner 1)" in proc.stderr
+    n0, n1 = len(per_file[0]), len(per_file[1])
+    assert n0 + n1 == 24
+    assert (f"no sample written: all {n0 + n1} input samples were quarantined "
+            f"(missing_partner {n1}, unreadable {n0})") in proc.stderr
     assert not (out / "manifest.json").exists()
     q = read_quarantine(out)
-    reasons = [r["reason"] for r in q]
-    assert reasons.count("unreadable") == 12 and reasons.count("missing_partner") == 1
+    assert sorted(r["key"] for r in q if r["reason"] == "unreadable") == sorted(per_file[0])
+    assert sorted(r["key"] for r in q if r["reason"] == "missing_partner") == sorted(per_file[1])
     assert all(r["url"].endswith(".zarr.zip") for r in q)
 
 
