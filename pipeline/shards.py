@@ -129,9 +129,6 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def tell(self) -> int:  # tarfile asks for the position when it opens the stream
-        return self.bytes
-
     def write(self, b) -> int:  # type: ignore[override]
         self.sha.update(b)
         self.bytes += len(b)
@@ -140,6 +137,10 @@ class _HashingWriter(io.RawIOBase):
 
 class ShardWriter:
     """Write samples into one deterministic tar file, hashing on the fly.
+
+    The tar is written by ``webdataset.TarWriter`` with every header field that could vary
+    fixed (mtime 0, mode 0644, uid/gid 0, no user or group name), so the same samples give
+    the same bytes on every run and machine.
 
     >>> with ShardWriter(path) as w:
     ...     w.write(sample)
@@ -150,7 +151,12 @@ class ShardWriter:
         self.path = path
         self._file = open(path, "wb")
         self._hash = _HashingWriter(self._file)
-        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.GNU_FORMAT)
+        # Imported here: webdataset imports torch (~1.3 s), which only processes writing shards need.
+        from webdataset import TarWriter
+
+        # encoder=False: members arrive as bytes (the .npy and json encodings are the format's, above);
+        # TarWriter writes a sample's members in sorted extension order, which is MEMBERS.
+        self._tar: Any = TarWriter(self._hash, user="", group="", mode=0o644, mtime=0, encoder=False)
         self.samples = 0
         self.keys: set[str] = set()
         self.rows: list[tuple[str, int, Optional[list[int]]]] = []
@@ -159,23 +165,20 @@ class ShardWriter:
         self.bytes = 0
 
     def write(self, sample: Sample) -> int:
+        if self._tar is None:
+            raise ValueError(f"{self.path} is closed")
         if not _KEY_OK.match(sample.key):
             raise ValueError(f"invalid sample key {sample.key!r}")
         if sample.key in self.keys:
             raise ValueError(f"duplicate sample key {sample.key!r} in {self.path}")
         self.keys.add(sample.key)
         labels = sample.meta.get("label_vector")
-        self.rows.append((sample.key, self._hash.bytes, None if labels is None else [int(v) for v in labels]))
-        n = 0
-        for name, data in sample.members():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-            n += len(data)
+        # The tar stream's own position (it buffers, so the file's lags behind): the first header's offset.
+        offset = self._tar.tarstream.offset
+        self.rows.append((sample.key, offset, None if labels is None else [int(v) for v in labels]))
+        record = {"__key__": sample.key}
+        record.update((name[len(sample.key) + 1:], data) for name, data in sample.members())
+        n = self._tar.write(record)
         self.samples += 1
         return n
 
@@ -187,7 +190,7 @@ class ShardWriter:
         self.sha256 = self._hash.sha.hexdigest()
         self.bytes = self._hash.bytes
         self._file.close()
-        self._tar = None  # type: ignore[assignment]
+        self._tar = None
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -63,6 +65,18 @@ def test_shard_writer_is_deterministic_and_readable_by_plain_webdataset(tmp_path
         digests.append(w.sha256)
         assert w.bytes == p.stat().st_size and w.samples == 3
     assert digests[0] == digests[1] and paths[0].read_bytes() == paths[1].read_bytes()
+    assert digests[0] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
+
+    # Every header field that could vary between runs or machines is fixed (read back by the standard
+    # library, not by the writer): the members of each sample in MEMBERS order.
+    with tarfile.open(paths[0]) as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos] == [f"{s.key}.{ext}" for s in samples for ext in ("json", "s1.npy", "s2.npy")]
+    assert {(i.mtime, i.mode, i.uid, i.gid, i.uname, i.gname, i.type) for i in infos} == {
+        (0, 0o644, 0, 0, "", "", tarfile.REGTYPE)}
+    # The offsets the writer records (the sample index's) are each sample's first header.
+    assert [(k, off) for k, off, _ in w.rows] == [(infos[3 * i].name.split(".")[0], infos[3 * i].offset)
+                                                  for i in range(3)]
 
     got = list(wds.WebDataset(str(paths[0]), shardshuffle=False).decode())
     assert [g["__key__"] for g in got] == [s.key for s in samples]

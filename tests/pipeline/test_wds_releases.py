@@ -35,9 +35,14 @@ WHOLE_LOCATION = {"unreadable", "missing_partner", "wrong_shape"}  # defects tha
 
 
 def tar_members(path) -> dict[str, bytes]:
-    """{key: bytes} of the .zarr.zip members of a tar, in order."""
-    with tarfile.open(path) as tar:
-        return {m.name[: -len(".zarr.zip")]: tar.extractfile(m).read() for m in tar if m.name.endswith(".zarr.zip")}
+    """{key: bytes} of the .zarr.zip members of a tar, in order, read the way the releases' own loaders read
+    them: webdataset's tar iteration (``multi_tarfile_samples`` in DLR-MF-DAS/SSL4EO-S12-v1.1's
+    ssl4eos12_dataset.py and TerraMesh's terramesh.py iterate the tars with webdataset)."""
+    from webdataset.tariterators import tar_file_iterator
+
+    with open(path, "rb") as f:
+        return {r["fname"][: -len(".zarr.zip")]: r["data"] for r in tar_file_iterator(f)
+                if r["fname"].endswith(".zarr.zip")}
 
 
 def open_member(data: bytes) -> xr.Dataset:

@@ -1,0 +1,44 @@
+"""Logging for the project's commands: our own messages at INFO, the libraries' chatter kept out.
+
+botocore logs "Found credentials in environment variables" at INFO each time a client is
+made (every s3fs filesystem, in every Ray task), and Ray, s3fs and urllib3 add their own
+INFO lines; under a job's INFO level they would drown its progress. `setup_logging` sets
+the root level for the project and holds `LIBRARY_LOGGERS` at WARNING unless the user
+asks for more with ``FUSMAE_LIBRARY_LOG_LEVEL`` (e.g. ``DEBUG`` to see every S3 request).
+(Ray's worker processes keep their root logger at WARNING, so only the driver needs this.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LIBRARY_LOG_LEVEL_ENV = "FUSMAE_LIBRARY_LOG_LEVEL"
+LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "aiobotocore", "s3fs", "fsspec", "urllib3", "ray",
+                   "filelock", "asyncio", "torch.distributed", "huggingface_hub")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def library_level() -> int:
+    """The level for the libraries' loggers: ``FUSMAE_LIBRARY_LOG_LEVEL`` (a level name), default WARNING."""
+    raw = os.environ.get(LIBRARY_LOG_LEVEL_ENV, "").strip()
+    if not raw:
+        return logging.WARNING
+    level = logging.getLevelName(raw.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"{LIBRARY_LOG_LEVEL_ENV}={raw!r} is not a log level "
+                         "(DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+    return level
+
+
+def quiet_libraries() -> None:
+    """Hold the libraries' loggers at `library_level` (idempotent)."""
+    level = library_level()
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The root logger at ``level`` with the project's format, and the libraries quietened."""
+    logging.basicConfig(level=level, format=FORMAT)
+    quiet_libraries()
