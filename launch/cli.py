@@ -27,7 +27,13 @@ def run_job(args: argparse.Namespace, load: Callable[[str, list[str]], Any], job
             user_errors: tuple[type[Exception], ...] = ()) -> int:
     """Load the config (errors: exit 2 before anything starts), run ``job(cfg)`` (ConfigError and
     ``user_errors``: exit 2 with the message; anything else propagates with its traceback)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.logs import setup_logging
+
+    try:
+        setup_logging(logging.WARNING)
+    except ValueError as err:  # a bad FUSMAE_LIBRARY_LOG_LEVEL
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     from launch.config import ConfigError
     from pipeline.lease import LeaseHeld
     from pipeline.storage import StorageUnavailable

@@ -19,6 +19,8 @@ import sys
 import traceback
 from typing import Any, Optional, Sequence
 
+from pipeline.logs import setup_logging
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__,
@@ -38,7 +40,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        setup_logging(logging.WARNING)
+    except ValueError as err:  # a bad FUSMAE_LIBRARY_LOG_LEVEL
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from launch.training.export import export_checkpoint
 
     options: dict = {}

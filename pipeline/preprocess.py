@@ -44,6 +44,7 @@ from pipeline.job import S2_OFFSETS, S2_PRODUCTS, VERIFY_MODES, PreprocessError,
 from pipeline.plan import plan_split
 from pipeline.sources import SOURCES, Source
 from pipeline.lease import Lease, LeaseHeld
+from pipeline.logs import setup_logging
 from pipeline.storage import StorageUnavailable, check_writable, join, redact, redact_url, set_retry_window, url_to_fs
 from pipeline.workers import init_ray, ray_map, run_shards
 
@@ -171,7 +172,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PreprocessSettings:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        setup_logging(logging.INFO)
+    except ValueError as err:  # a bad FUSMAE_LIBRARY_LOG_LEVEL
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return run_job(parse_args(argv))
 
 

@@ -238,6 +238,8 @@ def test_tiff_from_and_to_s3_with_quarantine(tmp_path, s3_bucket):
     with rasterio.open(s1_prod / "VH.tif") as ds:
         np.testing.assert_array_equal(samples[key]["s1.npy"][1], ds.read(1))
     assert samples[key]["json"]["lat"] is not None and samples[key]["json"]["crs"].startswith("EPSG:")
+    # botocore's INFO chatter (one line per client, in the driver and every Ray worker) stays out of the log
+    assert "Found credentials" not in proc.stderr + proc.stdout
     # the credentials of the environment reach neither outputs nor logs
     secret = S3_ENV["AWS_SECRET_ACCESS_KEY"]
     for text in [(local / "manifest.json").read_text(), (local / "quarantine.jsonl").read_text(), proc.stdout, proc.stderr]:
@@ -255,6 +257,24 @@ def test_storage_options_secrets_are_redacted(tmp_path, s3_bucket, s3_endpoint):
     assert json.loads(text)["totals"]["samples"] == 4
     for t in (text, proc.stdout, proc.stderr):
         assert "passed-on-the-command-line" not in t and S3_ENV["AWS_ACCESS_KEY_ID"] not in t
+
+
+def test_console_script_and_library_log_level(tmp_path, s3_bucket):
+    """`fusmae-preprocess` is the installed command; FUSMAE_LIBRARY_LOG_LEVEL lets the libraries' INFO lines back in."""
+    root = tmp_path / "tiff"
+    synthetic.make_ssl4eo_tiff(str(root), n_locations=1, size=24, seed=1)
+    command = Path(sys.executable).with_name("fusmae-preprocess")
+    bad = subprocess.run([str(command), "--source", "ssl4eo-tiff", "--input", str(root), "--output", str(tmp_path / "o")],
+                         env={**os.environ, "FUSMAE_LIBRARY_LOG_LEVEL": "LOUD"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "FUSMAE_LIBRARY_LOG_LEVEL='LOUD' is not a log level" in bad.stderr
+    assert not (tmp_path / "o").exists()
+    proc = subprocess.run([str(command), "--no-progress", "--source", "ssl4eo-tiff", "--input", str(root),
+                           "--output", f"{s3_bucket}/loud", "--workers", "1"],
+                          env={**os.environ, "FUSMAE_LIBRARY_LOG_LEVEL": "INFO"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Found credentials in environment variables" in proc.stderr
+    assert json.loads(fresh_s3fs().cat_file(f"{s3_bucket}/loud/manifest.json"))["totals"]["samples"] == 4
 
 
 # -- BigEarthNet v2 ------------------------------------------------------------------------
