@@ -23,6 +23,7 @@ from pipeline.manifest import MANIFEST, Manifest, ManifestError, read_committed
 from pipeline.plan import SplitPlan
 from pipeline.sources import Source
 from pipeline.stats import BandMoments
+from pipeline.workers import ray_cluster
 from pipeline.storage import (
     check_writable,
     is_local,
@@ -116,7 +117,7 @@ def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[in
         stats=combined_stats(source, ordered),
         # Everything outside `run` is deterministic; `run` describes this particular execution.
         run={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": redact_argv(sys.argv),
-             "workers": settings.workers, "seconds": round(time.time() - plan.started, 3)},
+             "workers": settings.workers, "seconds": round(time.time() - plan.started, 3), **ray_cluster()},
         index=index,
     )
     manifest.write(out_url, settings.storage_options)

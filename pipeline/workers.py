@@ -37,6 +37,21 @@ def init_ray(address: Optional[str], workers: int) -> None:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:  # the embedded default: a local instance sized to --workers
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+    _CLUSTER["kind"] = "existing" if address else "embedded"
+
+
+_CLUSTER: dict[str, str] = {}
+
+
+def ray_cluster() -> dict[str, Any]:
+    """What this job ran on, for the manifest's ``run`` section: ``{"ray": "existing" | "embedded", "nodes",
+    "cpus"}`` (the cluster's, as Ray reports them); empty before `init_ray`."""
+    import ray
+
+    if not ray.is_initialized() or "kind" not in _CLUSTER:
+        return {}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"ray": _CLUSTER["kind"], "nodes": len(nodes), "cpus": int(ray.cluster_resources().get("CPU", 0))}
 
 
 def ray_map(fn: Callable, args: Sequence) -> list:

@@ -223,6 +223,7 @@ def test_tiff_from_and_to_s3_with_quarantine(tmp_path, s3_bucket):
         assert r["url"].startswith("s3://") and r["sample_id"]
     assert got == expected
     assert m["totals"]["input_samples"] == 5 * 4 == m["totals"]["samples"] + m["quarantined"]
+    assert (m["run"]["ray"], m["run"]["cpus"]) == ("embedded", 2)  # an instance of --workers 2 CPUs
     assert m["totals"]["samples"] == 20 - sum(expected.values())
     samples = read_shards(local)
     check_stats(m, samples, nodata_s2=0)

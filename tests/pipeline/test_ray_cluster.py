@@ -1,0 +1,85 @@
+"""The preprocessing job on an existing Ray cluster, submitted through Ray's job API as the README shows.
+
+A real head node (`ray start --head` on loopback, its dashboard serving the job API), then
+`ray job submit --working-dir <checkout> -- python -m pipeline.preprocess ...`: the job's
+driver runs under Ray's job supervisor and must join that cluster through the
+``RAY_ADDRESS`` Ray gives it, not start an embedded instance. The head has 3 CPUs and
+the job asks for ``--workers 1``, so the manifest's record of the cluster it ran on tells
+the two apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from launch.demo.local_s3 import free_port
+from pipeline import synthetic
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A one-node Ray cluster in its own process group; yields its job API address."""
+    port, dashboard = free_port(), free_port()
+    temp_dir = f"/tmp/ray-{uuid.uuid4().hex[:8]}"  # short: Ray's unix sockets live under it
+    # Ray 2.60's job API refuses requests without a token: the head and the client share one (Ray's token auth).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--num-cpus", "3", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(dashboard), "--temp-dir", temp_dir, "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            ok = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+            if ok.returncode == 0:
+                break
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"Ray head did not start: {(tmp_path / 'head.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield address, env
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything left in its group
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def test_ray_job_submit_runs_the_job_on_the_existing_cluster(tmp_path, ray_head):
+    address, env = ray_head
+    archive, out = tmp_path / "tiff", tmp_path / "shards"
+    synthetic.make_ssl4eo_tiff(str(archive), n_locations=2, size=24, seed=3)  # 2 locations x 4 seasons
+    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                           sys.executable, "-m", "pipeline.preprocess", "--no-progress", "--source", "ssl4eo-tiff",
+                           "--input", str(archive), "--output", str(out), "--workers", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["samples"] == 8 and manifest["quarantined"] == 0
+    # the cluster's 3 CPUs, not an embedded instance of --workers 1
+    assert {k: manifest["run"][k] for k in ("ray", "nodes", "cpus")} == {"ray": "existing", "nodes": 1, "cpus": 3}
+    for text in ((out / "manifest.json").read_text(), proc.stdout, proc.stderr):  # the job's own log is in stdout
+        assert env["RAY_AUTH_TOKEN"] not in text
