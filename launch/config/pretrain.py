@@ -47,6 +47,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     """Read losses back from the device and log every this many steps (no sync in between)."""
+    log_sample_keys: bool = False
+    """Write each step's sample keys, per rank, to <run.dir>/sample_keys/rank-NNNNN.jsonl (launch.training.keylog):
+    an audit of the data order, and what an exact resume is checked against."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):

@@ -27,6 +27,7 @@ from launch.training import checkpoint
 from launch.training.checkpoint import CheckpointWriter, Committed
 from launch.training.export import FOLDER as EXPORT_FOLDER
 from launch.training.export import export_pretrained, hub_config
+from launch.training.keylog import SampleKeyLog
 from launch.training.metrics import MetricsLogger
 from launch.training.pictures import save_reconstructions
 from launch.training.schedule import decay_groups, warmup_cosine
@@ -91,6 +92,7 @@ class Trainer:
             estimate_flops_per_sample(cfg.model, d.image_size), distributed.device_name(),
             monitor=getattr(self.engine, "monitor", None), resume_step=self.step,
         )
+        self.key_log = SampleKeyLog(cfg.run.dir, self.rank, self.step) if cfg.train.log_sample_keys else None
         self._picture_batch = self._fixed_batch()
 
     # ------------------------------------------------------------------ setup
@@ -220,14 +222,18 @@ class Trainer:
         return g
 
     def train_step(self, batches) -> None:
+        keys: list[str] = []
         for micro in range(self.cfg.train.grad_accum_steps):
             batch = next(batches)
+            keys.extend(batch["keys"])
             s1, s2, nonfinite = self.augment(batch, self.device)
             out = self.engine(s1.to(self.dtype), s2.to(self.dtype), generator=self._generator(micro))
             self.engine.backward(out.loss)
             self.engine.step()
             self.metrics.accumulate(out.loss, out.loss_s1, out.loss_s2, nonfinite)
         self.step += 1
+        if self.key_log is not None:
+            self.key_log.write(self.step, keys)
 
     def train(self) -> None:
         cfg = self.cfg
@@ -246,6 +252,8 @@ class Trainer:
                 self.metrics.log(self.step, self.scheduler.get_last_lr()[0],
                                  {"checkpoint_stall_s": round(stall_total, 4)},
                                  summed={"skipped_shards": skipped["shards"], "skipped_samples": skipped["samples"]})
+        if self.key_log is not None:
+            self.key_log.close()
         if self.writer is not None:
             t0 = time.time()
             self.writer.wait()

@@ -9,13 +9,17 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+import yaml
 
 from conftest import DEBUG, S3_ENV, deepspeed, fresh_s3fs, ssl4eo_shards, torchrun
+from launch.training.keylog import read_key_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FAULTY_TRAIN = "tests/launch/training/faulty_train.py"
+KEY_ID, SECRET = "AKIAFUSMAEDISTINCT42", "fusmae-distinctive-secret-7f3a9c"
 
 def train(ranks: int, *overrides: str, env: dict | None = None, check: bool = True,
           script: str = "launch/train.py") -> subprocess.CompletedProcess:
@@ -44,7 +48,8 @@ def common(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_path, s3_bucket):
     # uninterrupted, checkpoints to a local folder
     a = tmp_path / "a"
-    first = train(2, *common(shards, a, "train.max_steps=8", "checkpoint.every_steps=4", f"checkpoint.dir={a / 'ckpt'}"))
+    first = train(2, *common(shards, a, "train.max_steps=8", "checkpoint.every_steps=4", f"checkpoint.dir={a / 'ckpt'}",
+                             "train.log_sample_keys=true"))
     full = metrics(a)
     assert [r["step"] for r in full] == list(range(1, 9))
     # MAE's rule: configs/debug.yaml's base_lr 0.032 x global batch (4 per rank x 2 ranks) / 256 = 1e-3, the
@@ -60,33 +65,44 @@ def test_zero2_resume_from_s3_reproduces_the_uninterrupted_losses(shards, tmp_pa
         for key in ("loss", "loss_s1", "loss_s2", "lr", "samples_per_s"):
             assert np.isfinite(r[key])
 
-    # the same run stopped at step 4 and resumed from S3 with resume=auto
+    # The same run stopped at step 3 and at step 6, each time resumed from S3 with resume=auto. Its checkpoint
+    # credentials come from the recipe (storage_options), distinctive values the S3 endpoint accepts like any.
     b = tmp_path / "b"
     ckpt = f"{s3_bucket}/runs/b"
-    proc = train(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
-                                f"checkpoint.dir={ckpt}", "train.stop_at_step=4"))
-    fs = fresh_s3fs()
-    assert json.loads(fs.cat_file(f"{ckpt}/latest"))["tag"] == "step-00000004"
-    proc = train(2, *common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
-                                f"checkpoint.dir={ckpt}", "resume=auto"))
-    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    recipe = yaml.safe_load(Path(DEBUG).read_text())
+    recipe["checkpoint"]["storage_options"] = {"key": KEY_ID, "secret": SECRET}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    args = common(shards, b, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2",
+                  f"checkpoint.dir={ckpt}", "train.log_sample_keys=true")
+    runs = [deepspeed(2, "launch/train.py", "--config", str(tmp_path / "recipe.yaml"), *args, *extra)
+            for extra in (["train.stop_at_step=3"], ["train.stop_at_step=6", "resume=auto"], ["resume=auto"])]
+    assert "at step 3" in runs[1].stdout and "at step 6" in runs[2].stdout
     resumed = metrics(b)
     assert [r["step"] for r in resumed] == list(range(1, 9))
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in full], rtol=1e-5)
-    np.testing.assert_allclose([r["loss_s2"] for r in resumed], [r["loss_s2"] for r in full], rtol=1e-5)
-    np.testing.assert_allclose([r["lr"] for r in resumed], [r["lr"] for r in full], rtol=1e-9)
+    # exact resume: every logged loss bit for bit, and the same samples at the same steps on every rank
+    for key in ("loss", "loss_s1", "loss_s2", "lr"):
+        assert [r[key] for r in resumed] == [r[key] for r in full], key
+    for rank in (0, 1):
+        keys_full, keys_resumed = read_key_log(str(a), rank), read_key_log(str(b), rank)
+        assert [k["step"] for k in keys_full] == list(range(1, 9))
+        assert keys_resumed == keys_full and all(len(k["keys"]) == 4 for k in keys_full)
+    seen = {key for rank in (0, 1) for k in read_key_log(str(a), rank) for key in k["keys"]}
+    assert seen <= set(pd.read_parquet(shards / "index.parquet")["key"]) and len(seen) > 12
 
     # keep=2: only the two newest committed checkpoints remain; the export and the pictures are there
     fs = fresh_s3fs()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(ckpt) if "step-" in p) == ["step-00000006", "step-00000008"]
     assert fs.exists(f"{ckpt}/encoder/model.safetensors") and fs.exists(f"{ckpt}/encoder/config.json")
     assert list(b.glob("reconstruction-step-*.png"))
-    # no credentials in what was written
-    secret = S3_ENV["AWS_SECRET_ACCESS_KEY"]
-    assert secret not in (b / "config.yaml").read_text()
-    for p in fs.find(ckpt):
-        if p.endswith((".json", "latest")):
-            assert secret.encode() not in fs.cat_file(p)
+    # No credential anywhere the runs wrote or printed: every byte of every file, local and in the bucket
+    # (DeepSpeed's .pt files included: they hold the config), and every line of output.
+    written = [p.read_bytes() for p in b.rglob("*") if p.is_file()]
+    written += [fs.cat_file(p) for p in fs.find(ckpt)]
+    assert len(written) > 20 and any(p.endswith(".pt") for p in fs.find(ckpt))
+    printed = [(r.stdout + r.stderr).encode() for r in runs]
+    for secret in (SECRET, KEY_ID, S3_ENV["AWS_SECRET_ACCESS_KEY"]):
+        for blob in written + printed:
+            assert secret.encode() not in blob
 
 
 def test_zero3_bf16_trains_checkpoints_and_exports(shards, tmp_path):
