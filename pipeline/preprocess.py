@@ -92,7 +92,7 @@ def run_job(settings: PreprocessSettings) -> int:
         return _fail(f"split {settings.split!r} not in {redact_url(settings.input)} (found: {', '.join(available)})")
     try:
         fs, root = url_to_fs(settings.output, settings.storage_options)
-        check_writable(fs, root)
+        check_writable(fs, root, settings.output)
     except PermissionError as err:
         return _fail(str(err))
     set_retry_window(settings.retry_window_s)  # this process, and through the environment its Ray workers

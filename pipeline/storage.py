@@ -279,8 +279,8 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return retrying(fs.cat_file)(path)
 
 
-def check_writable(fs: fsspec.AbstractFileSystem, base: str) -> None:
-    """Fail early and clearly when the output location cannot be written."""
+def check_writable(fs: fsspec.AbstractFileSystem, base: str, url: Optional[str] = None) -> None:
+    """Fail early and clearly when the output location cannot be written (``url``: how the user named it)."""
     probe = join(base, f".write-probe-{uuid.uuid4().hex}")
     try:
         if is_local(fs):
@@ -288,4 +288,7 @@ def check_writable(fs: fsspec.AbstractFileSystem, base: str) -> None:
         write_bytes_atomic(fs, probe, b"")
         fs.rm_file(probe)
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot write"
-        raise PermissionError(f"output location is not writable: {redact_url(base)} ({type(err).__name__}: {err})") from err
+        hint = ("; check the credentials (environment, profile or storage options)"
+                if isinstance(err, PermissionError) and not is_local(fs) else "")
+        raise PermissionError(f"output location is not writable: {redact_url(url or base)} "
+                              f"({type(err).__name__}: {err}){hint}") from err

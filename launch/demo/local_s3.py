@@ -34,13 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(log_path: Optional[Path] = None, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Start the server process; returns it and its URL once it answers."""
+def start(log_path: Optional[Path] = None, timeout: float = 60.0,
+          env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen, str]:
+    """Start the server process; returns it and its URL once it answers. ``env``: variables for the server
+    (``INITIAL_NO_AUTH_ACTION_COUNT``: moto checks credentials after that many requests)."""
     port = free_port()
     log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL
     try:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     finally:
         if log_path is not None:
             log.close()

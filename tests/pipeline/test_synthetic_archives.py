@@ -16,14 +16,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import rasterio
+import xarray as xr
+import zarr
 
 from pipeline import synthetic as syn
-
-xr = pytest.importorskip("xarray")
-zarr = pytest.importorskip("zarr")
-pq = pytest.importorskip("pyarrow.parquet")
 
 REPO = Path(__file__).resolve().parents[2]
 S1_ID = re.compile(r"^S1[AB]_IW_GRDH_1SDV_(\d{8})T\d{6}_\d{8}T\d{6}_\d{6}_[0-9A-F]{6}_[0-9A-F]{4}$")

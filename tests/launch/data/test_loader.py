@@ -253,6 +253,7 @@ def test_all_shards_bad_raises(tmp_path):
 # -- object storage and the local cache --------------------------------------------------------
 
 
+@pytest.mark.slow  # starts the S3 server process
 @pytest.mark.timeout(120)
 def test_s3_matches_local_and_cache_serves_later_epochs(tmp_path, s3_bucket):
     sizes = [5, 3, 6, 2]
