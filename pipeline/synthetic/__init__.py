@@ -1,7 +1,10 @@
 """Small, realistic Sentinel-1/Sentinel-2 archives in the published file layouts.
 
-One writer per layout the pipeline reads; each module is named as the
-reader in :mod:`pipeline.sources` whose constants (bands, folders, offsets) it imports:
+One writer per layout the pipeline reads; each module is named as the reader in
+:mod:`pipeline.sources` it feeds. The published facts they are written from (bands,
+folders, offsets, class names) are stated in ``published``, with their sources, and
+never imported from the readers, so that a reader drifting from the published format
+fails its tests:
 
 * :func:`make_ssl4eo_zarr` (``ssl4eo_zarr``): SSL4EO-S12 v1.1, zipped Zarr v2 stores of 4-season cubes.
 * :func:`make_ssl4eo_tiff` (``ssl4eo_tiff``): SSL4EO-S12 v1, one GeoTIFF per band, season and modality.
@@ -25,8 +28,6 @@ Command line (``cli``)::
     python -m pipeline.synthetic {ssl4eo-zarr,ssl4eo-wds,terramesh,...} OUTDIR [--n N] [--size S] [--seed K]
 """
 
-from pipeline.sources.base import S1_BANDS, S2_L1C_BANDS, S2_L2A_BANDS, S2_RESOLUTION_M
-from pipeline.sources.bigearthnet import BIGEARTHNET_19_CLASSES
 from pipeline.synthetic.bigearthnet import (
     BIGEARTHNET_LABEL_OF_CLASS,
     BIGEARTHNET_S2_BANDS,
@@ -36,6 +37,13 @@ from pipeline.synthetic.bigearthnet import (
     make_bigearthnet,
 )
 from pipeline.synthetic.cli import main
+from pipeline.synthetic.published import (
+    BIGEARTHNET_19_CLASSES,
+    S1_BANDS,
+    S2_L1C_BANDS,
+    S2_L2A_BANDS,
+    S2_RESOLUTION_M,
+)
 from pipeline.synthetic.geo import Acquisitions, Footprint, Location, footprint_at, utm_epsg
 from pipeline.synthetic.scene import (
     LAND_COVER_CLASSES,

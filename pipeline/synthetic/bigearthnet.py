@@ -1,6 +1,7 @@
 """BigEarthNet v2 (reBEN): GeoTIFF patch pairs plus ``metadata.parquet``.
 
-The layout :mod:`pipeline.sources.bigearthnet` reads, with its folder names and band suffixes.
+The layout :mod:`pipeline.sources.bigearthnet` reads; folder names and band suffixes as published
+(:mod:`pipeline.synthetic.published`).
 
 Labels are read off the land cover: one BigEarthNet-19 label per land-cover class,
 given to a patch when that class covers enough of its pixels.
@@ -18,17 +19,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rasterio.warp import transform as warp_transform
 
-from pipeline.sources.base import S1_BANDS, S2_L2A_BANDS, S2_RESOLUTION_M
-from pipeline.sources.bigearthnet import (
-    BIGEARTHNET_19_CLASSES,
-    METADATA,
-    S1_ROOT,
-    S2_FILE_BANDS,
-    S2_ROOT,
-    SPLITS,
-)
 from pipeline.synthetic.geo import north_up, season_of, stamp, utm_epsg
 from pipeline.synthetic.geotiff import encode_s2_tif, write_tif
+from pipeline.synthetic.published import (
+    BIGEARTHNET_19_CLASSES,
+    BIGEARTHNET_METADATA,
+    BIGEARTHNET_S1_ROOT,
+    BIGEARTHNET_S2_FILE_BANDS,
+    BIGEARTHNET_S2_ROOT,
+    BIGEARTHNET_SPLITS,
+    S1_BANDS,
+    S2_L2A_BANDS,
+    S2_RESOLUTION_M,
+)
 from pipeline.synthetic.scene import (
     LAND_COVER_CLASSES,
     STREAM_ARCHIVE,
@@ -45,8 +48,7 @@ from pipeline.synthetic.scene import (
 )
 
 # BigEarthNet spells the same L2A bands with two digits.
-BIGEARTHNET_S2_BANDS = S2_FILE_BANDS
-BIGEARTHNET_SPLITS = SPLITS
+BIGEARTHNET_S2_BANDS = BIGEARTHNET_S2_FILE_BANDS
 
 # One BigEarthNet-19 label per class, so that a label is exactly "this class covers enough pixels".
 BIGEARTHNET_LABEL_OF_CLASS = {
@@ -178,12 +180,12 @@ def _write_patch(root: Path, seed: int, p: int, tile: _Tile, cell: int, size: in
     scene = draw_scene(keyed_rng(seed, STREAM_SCENE, _BEN_KEY, p), size).crop(size)
     season = (tile.season,)
     refl = render_s2(keyed_rng(seed, STREAM_S2, _BEN_KEY, p), scene, season, "L2A")[0]  # (12, H, W)
-    s2_dir = root / S2_ROOT / tile.s2_tile / patch_id
-    for band, file_band, coarse in zip(S2_L2A_BANDS, S2_FILE_BANDS, to_native_resolution(refl, S2_L2A_BANDS)):
+    s2_dir = root / BIGEARTHNET_S2_ROOT / tile.s2_tile / patch_id
+    for band, file_band, coarse in zip(S2_L2A_BANDS, BIGEARTHNET_S2_BANDS, to_native_resolution(refl, S2_L2A_BANDS)):
         write_tif(s2_dir / f"{patch_id}_{file_band}.tif", encode_s2_tif(coarse), crs,
                   north_up(left, top, S2_RESOLUTION_M[band]))
     db = render_s1(keyed_rng(seed, STREAM_S1, _BEN_KEY, p), scene, season)[0]  # (2, H, W)
-    s1_dir = root / S1_ROOT / tile.s1_tile / s1_name
+    s1_dir = root / BIGEARTHNET_S1_ROOT / tile.s1_tile / s1_name
     for pol, img in zip(S1_BANDS, db):
         write_tif(s1_dir / f"{s1_name}_{pol}.tif", img, crs, north_up(left, top, 10))
     return {"patch_id": patch_id, "labels": bigearthnet_labels(scene.classes), "country": tile.country,
@@ -194,7 +196,7 @@ def _write_patch(root: Path, seed: int, p: int, tile: _Tile, cell: int, size: in
 def _write_metadata(root: Path, rows: Sequence[dict]) -> Path:
     """``root/metadata.parquet`` with one row per patch, columns in :data:`_SCHEMA` order."""
     root.mkdir(parents=True, exist_ok=True)
-    path = root / METADATA
+    path = root / BIGEARTHNET_METADATA
     columns = {name: [r[name] for r in rows] for name in _SCHEMA.names}
     pq.write_table(pa.table(columns, schema=_SCHEMA), path)
     return path

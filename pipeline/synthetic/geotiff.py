@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from pipeline.sources.base import S2_NODATA
+from pipeline.synthetic.published import S2_NODATA
 
 
 def write_tif(path: Path, array: np.ndarray, crs: str, transform) -> None:

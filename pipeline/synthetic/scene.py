@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.sources.base import S2_L1C_BANDS, S2_L2A_BANDS, S2_RESOLUTION_M
+from pipeline.synthetic.published import S2_L1C_BANDS, S2_L2A_BANDS, S2_RESOLUTION_M
 
 # --- random streams ----------------------------------------------------------------------------
 

@@ -14,10 +14,16 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from pipeline.sources.base import S1_BANDS, S2_L1C_BANDS
-from pipeline.sources.sen12ms import FILE_NAME, LC_BANDS, SEASON_FOLDERS, SPLIT_FILES, patch_id
 from pipeline.synthetic.geo import footprint_at, north_up
 from pipeline.synthetic.geotiff import encode_s2_tif
+from pipeline.synthetic.published import (
+    S1_BANDS,
+    S2_L1C_BANDS,
+    SEN12MS_FILE_NAME as FILE_NAME,
+    SEN12MS_LC_BANDS as LC_BANDS,
+    SEN12MS_SEASON_FOLDERS as SEASON_FOLDERS,
+    SEN12MS_SPLIT_FILES as SPLIT_FILES,
+)
 from pipeline.synthetic.scene import (
     BARE,
     CROPLAND,
@@ -36,6 +42,13 @@ from pipeline.synthetic.scene import (
     render_s2,
     resample_to_10m,
 )
+
+
+
+def patch_id(roi: str, scene: int, patch: int) -> str:
+    """The inventory's name of one triplet: its file name without the modality ('ROIs1158_spring_1_p30')."""
+    return f"{roi}_{scene}_p{patch}"
+
 
 # SEN12MS patches draw from their own key space (BigEarthNet uses 1, SSL4EO locations none).
 _SEN12MS_KEY = 2

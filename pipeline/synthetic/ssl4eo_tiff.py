@@ -1,14 +1,22 @@
-"""SSL4EO-S12 v1: one GeoTIFF per band, season and modality, as :mod:`pipeline.sources.ssl4eo_tiff` reads them."""
+"""SSL4EO-S12 v1: one GeoTIFF per band, season and modality, as :mod:`pipeline.sources.ssl4eo_tiff` reads them.
+
+Folder names as published (:mod:`pipeline.synthetic.published`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.sources.base import S1_BANDS, S2_L1C_BANDS, S2_RESOLUTION_M
-from pipeline.sources.ssl4eo_tiff import S1_DIR, S2_DIRS
 from pipeline.synthetic.geo import Location, location
 from pipeline.synthetic.geotiff import encode_s2_tif, write_tif
+from pipeline.synthetic.published import (
+    S1_BANDS,
+    S2_L1C_BANDS,
+    S2_RESOLUTION_M,
+    SSL4EO_TIFF_S1_DIR as S1_DIR,
+    SSL4EO_TIFF_S2_DIRS as S2_DIRS,
+)
 from pipeline.synthetic.scene import (
     STREAM_S1,
     STREAM_S2,

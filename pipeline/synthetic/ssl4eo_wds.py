@@ -1,7 +1,7 @@
 """SSL4EO-S12 v1.1 as its dataset repository serves it: WebDataset tars of per-location zipped Zarr stores.
 
-Read by :mod:`pipeline.sources.ssl4eo_wds`, whose constants (folders, shard names) this
-module imports; the members are written by :mod:`pipeline.synthetic.wds_zarr`.
+Read by :mod:`pipeline.sources.ssl4eo_wds`; folders and shard names as published
+(:mod:`pipeline.synthetic.published`); the members are written by :mod:`pipeline.synthetic.wds_zarr`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from pipeline.sources.ssl4eo_wds import S1_FOLDER, SHARD_NAME, TIMES
-from pipeline.sources.wds_zarr import S2_LEVEL_FOLDERS
 from pipeline.synthetic.geo import location
+from pipeline.synthetic.published import (
+    SSL4EO_WDS_S1_FOLDER as S1_FOLDER,
+    SSL4EO_WDS_SHARD_NAME as SHARD_NAME,
+    SSL4EO_WDS_TIMES as TIMES,
+    WDS_S2_LEVEL_FOLDERS as S2_LEVEL_FOLDERS,
+)
 from pipeline.synthetic.scene import STREAM_ARCHIVE, check_size, keyed_rng
 from pipeline.synthetic.wds_zarr import Planned, assign_defects, quarantine_counts, write_shard
 

@@ -1,4 +1,7 @@
-"""SSL4EO-S12 v1.1: zipped Zarr v2 stores of 4-season cubes, as :mod:`pipeline.sources.ssl4eo_zarr` reads them."""
+"""SSL4EO-S12 v1.1: zipped Zarr v2 stores of 4-season cubes, as :mod:`pipeline.sources.ssl4eo_zarr` reads them.
+
+Product folders, file names and the S2 offset as published (:mod:`pipeline.synthetic.published`).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,17 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 
-from pipeline.sources.base import S1_BANDS, S2_L1C_BANDS, S2_L2A_BANDS, S2_NODATA
-from pipeline.sources.ssl4eo_zarr import FILE_NAME, S1_PRODUCT, S2_OFFSET, S2_PRODUCTS
 from pipeline.synthetic.geo import Location, location
+from pipeline.synthetic.published import (
+    S1_BANDS,
+    S2_L1C_BANDS,
+    S2_L2A_BANDS,
+    S2_NODATA,
+    SSL4EO_ZARR_FILE_NAME as FILE_NAME,
+    SSL4EO_ZARR_S1_PRODUCT as S1_PRODUCT,
+    SSL4EO_ZARR_S2_OFFSET as S2_OFFSET,
+    SSL4EO_ZARR_S2_PRODUCTS as S2_PRODUCTS,
+)
 from pipeline.synthetic.scene import (
     STREAM_ARCHIVE,
     STREAM_S1,

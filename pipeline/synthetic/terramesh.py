@@ -1,7 +1,7 @@
 """TerraMesh: majortom and ssl4eos12 WebDataset tars of one-time-step zipped Zarr members.
 
-Read by :mod:`pipeline.sources.terramesh`, whose constants (S1 folder per subset, shard
-names) this module imports; the members are written by :mod:`pipeline.synthetic.wds_zarr`.
+Read by :mod:`pipeline.sources.terramesh`; the S1 folder per subset and the shard names as
+published (:mod:`pipeline.synthetic.published`); the members are written by :mod:`pipeline.synthetic.wds_zarr`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from pipeline.sources.terramesh import S1_FOLDERS, SHARD_NAME
-from pipeline.sources.wds_zarr import S2_LEVEL_FOLDERS
 from pipeline.synthetic.geo import location
+from pipeline.synthetic.published import (
+    TERRAMESH_S1_FOLDERS as S1_FOLDERS,
+    TERRAMESH_SHARD_NAME as SHARD_NAME,
+    WDS_S2_LEVEL_FOLDERS as S2_LEVEL_FOLDERS,
+)
 from pipeline.synthetic.scene import STREAM_ARCHIVE, check_size, keyed_rng
 from pipeline.synthetic.wds_zarr import Planned, assign_defects, quarantine_counts, write_shard
 

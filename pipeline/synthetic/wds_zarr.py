@@ -2,9 +2,10 @@
 
 The writer both release generators share (:mod:`pipeline.synthetic.ssl4eo_wds`,
 :mod:`pipeline.synthetic.terramesh`): one member per location and modality, in the
-published member format (`pipeline.sources.zarr_member`), the same keys in the same
-order in every modality's tar of a shard, and deliberate defects on request so that
-tests can count the quarantine against what was written.
+published member format (read by `pipeline.sources.zarr_member`; variable names from
+`pipeline.synthetic.published`), the same keys in the same order in every modality's
+tar of a shard, and deliberate defects on request so that tests can count the
+quarantine against what was written.
 
 Defects (each applied to one location, named in the returned inventory):
 
@@ -26,19 +27,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline.sources.base import (
-    ALL_NODATA,
-    MISSING_PARTNER,
-    NON_FINITE,
-    S1_BANDS,
-    S2_L1C_BANDS,
-    S2_L2A_BANDS,
-    S2_NODATA,
-    UNREADABLE,
-    WRONG_SHAPE,
-)
-from pipeline.sources.wds_zarr import S2_LEVEL_FOLDERS
-from pipeline.sources.zarr_member import (
+from pipeline.synthetic.geo import Location
+from pipeline.synthetic.published import (
     BAND,
     BANDS,
     CENTER_LAT,
@@ -47,15 +37,20 @@ from pipeline.sources.zarr_member import (
     CRS,
     FILE_ID,
     MEMBER_EXT,
+    S1_BANDS,
+    S2_L1C_BANDS,
+    S2_L2A_BANDS,
+    S2_NODATA,
     SAMPLE,
     TIME,
+    WDS_S2_LEVEL_FOLDERS as S2_LEVEL_FOLDERS,
 )
-from pipeline.synthetic.geo import Location
 from pipeline.synthetic.scene import STREAM_S1, STREAM_S2, WATER, keyed_rng, render_s1, render_s2, resample_to_10m
 
-DEFECTS = {"unreadable": UNREADABLE, "missing_partner": MISSING_PARTNER, "wrong_shape": WRONG_SHAPE,
-           "non_finite": NON_FINITE, "all_nodata": ALL_NODATA}
-"""Defect kind -> the quarantine reason it causes."""
+DEFECTS = {"unreadable": "unreadable", "missing_partner": "missing_partner", "wrong_shape": "wrong_shape",
+           "non_finite": "non_finite", "all_nodata": "all_nodata"}
+"""Defect kind -> the quarantine reason (``reason`` of quarantine.jsonl) it must cause, written out here
+rather than taken from the readers so that a reader giving another reason fails the release tests."""
 _WHOLE_LOCATION = {"unreadable", "missing_partner", "wrong_shape"}
 _S2_BANDS = {folder: S2_L1C_BANDS if level == "L1C" else S2_L2A_BANDS for level, folder in S2_LEVEL_FOLDERS.items()}
 _LEVEL_OF = {folder: level for level, folder in S2_LEVEL_FOLDERS.items()}

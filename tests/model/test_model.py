@@ -15,7 +15,7 @@ from model import FusMAE, FusMAEConfig, FusMAEOutput, patchify, unpatchify
 from model.config import DECODERS, FUSIONS, MASKINGS
 from model.embed import sincos_pos_embed_2d
 from model.flops import estimate_flops_per_sample
-from model.masking import draw_masks, num_visible
+from model.masking import draw_masks
 
 PATCH = 8
 TWO_STREAMS = ("xattn", "concat")
@@ -117,16 +117,18 @@ def test_loss_is_masked_mse_of_patchified_input(fusion, norm_pix_loss):
 
 
 # --------------------------------------------------------------- masking
-@pytest.mark.parametrize("mask_ratio", [0.0, 0.5, 0.75, 0.9])
+# Visible patches of the 4 x 6 = 24-patch grid, worked out by hand from round(L * (1 - r)) (README, "exactly
+# round(L·(1-r)) visible patches"): 24 * 1 = 24, 24 * 0.5 = 12, 24 * 0.25 = 6 (MAE's default ratio), 24 * 0.1 = 2.4
+# -> 2, and 24 * 0.4 = 9.6 -> 10, where rounding differs from facebookresearch/mae's int() truncation (which gives 9).
+@pytest.mark.parametrize("mask_ratio,visible", [(0.0, 24), (0.5, 12), (0.75, 6), (0.9, 2), (0.6, 10)])
 @pytest.mark.parametrize(
     "fusion,masking", [("xattn", "consistent"), ("concat", "independent"), ("stack", "consistent")]
 )
-def test_visible_count_per_sample(mask_ratio, fusion, masking):
+def test_visible_count_per_sample(mask_ratio, visible, fusion, masking):
     cfg = tiny(fusion=fusion, masking=masking)
     net = build(cfg)
     s1, s2 = images(cfg, B=4)  # grid 4 x 6 = 24 patches
     out = net(s1, s2, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(0))
-    visible = num_visible(24, mask_ratio)
     for mask in (out.mask_s1, out.mask_s2):
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         assert (mask.shape[1] - mask.sum(dim=1)).tolist() == [visible] * 4

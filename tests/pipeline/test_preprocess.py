@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,8 +21,9 @@ import zarr
 
 from conftest import ROOT, S3_ENV, fresh_s3fs, run_module
 from pipeline import synthetic
-from pipeline.sources.bigearthnet import BIGEARTHNET_19_CLASSES
-from pipeline.sources.base import S2_L1C_BANDS, S2_L2A_BANDS, S2_RESOLUTION_M, date_from_name
+# Expected band orders, resolutions and class names: the published literals the generator writes from
+# (ESA Sentinel-2 band list; BigEarthNet 19-class nomenclature, Sumbul et al. 2021), not the readers' own.
+from pipeline.synthetic.published import BIGEARTHNET_19_CLASSES, S2_L1C_BANDS, S2_L2A_BANDS, S2_RESOLUTION_M
 
 pytestmark = pytest.mark.slow
 
@@ -170,8 +172,9 @@ def test_zarr_corrupt_and_unpaired_files_are_quarantined(tmp_path):
 
 
 def seasons(folder: Path) -> list[Path]:
-    """Product folders of a location in season (date) order, as the reader pairs them."""
-    return sorted(folder.iterdir(), key=lambda p: (date_from_name(p.name), p.name))
+    """Product folders of a location in date order, as the reader pairs them (the sensing start, the first
+    YYYYMMDDTHHMMSS of both product ids: S2 '<start>_<gen>_T<tile>', S1 'S1x_IW_GRDH_1SDV_<start>_...')."""
+    return sorted(folder.iterdir(), key=lambda p: (re.search(r"\d{8}T\d{6}", p.name).group(), p.name))
 
 
 def _corrupt_tiff_archive(root: Path) -> dict:
