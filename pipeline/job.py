@@ -37,6 +37,11 @@ STAGING_PREFIX = ".fusmae-shard-"
 S2_PRODUCTS = ("L1C", "L2A")
 S2_OFFSETS = ("remove", "keep")
 VERIFY_MODES = ("sha256", "size")
+PROCESS_LOCAL = ("memory://",)
+"""URL schemes whose files live inside one process. The job's Ray workers are other processes: they would not
+see an input there, and the shards they wrote there would be lost with them (the job used to report success)."""
+PROCESS_LOCAL_HINT = ("an in-memory filesystem lives inside one process, and the job reads and writes through Ray "
+                      "worker processes, so nothing would reach it or outlive them; use a path, file://, s3:// or gs://")
 
 
 class PreprocessError(ValueError):
@@ -77,7 +82,7 @@ class PreprocessSettings:
     source: str
     """Archive layout of ``input``: a key of `pipeline.sources.SOURCES`."""
     input: str
-    """fsspec URL of the archive root (path, file://, s3://, gs://, memory://)."""
+    """fsspec URL of the archive root (path, file://, s3://, gs://; not memory://, see `PROCESS_LOCAL`)."""
     output: str
     """fsspec URL of the shard folder (``--split all``: one sub-folder per split)."""
     split: str = "train"
@@ -129,6 +134,8 @@ class PreprocessSettings:
             (self.retry_window_s >= 0, f"--retry-window-s must be >= 0, got {self.retry_window_s}"),
             (redact_url(self.input) == self.input, f"--input {redact_url(self.input)}: {CREDENTIALS_IN_URL}"),
             (redact_url(self.output) == self.output, f"--output {redact_url(self.output)}: {CREDENTIALS_IN_URL}"),
+            (not self.input.startswith(PROCESS_LOCAL), f"--input {redact_url(self.input)}: {PROCESS_LOCAL_HINT}"),
+            (not self.output.startswith(PROCESS_LOCAL), f"--output {redact_url(self.output)}: {PROCESS_LOCAL_HINT}"),
         )
         for ok, message in checks:
             if not ok:

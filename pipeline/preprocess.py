@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Shard Sentinel-1/Sentinel-2 archives into WebDataset tar shards (local Ray or a Ray cluster).",
     )
     p.add_argument("--source", required=True, choices=sorted(SOURCES), help="archive layout of --input")
-    p.add_argument("--input", required=True, help="fsspec URL of the archive root (path, file://, s3://, gs://, memory://)")
+    p.add_argument("--input", required=True, help="fsspec URL of the archive root (path, file://, s3://, gs://)")
     p.add_argument("--output", required=True, help="fsspec URL of the shard folder")
     p.add_argument("--split", help="split to process (train, val, validation, test), or 'all'")
     p.add_argument("--workers", type=int, help="parallel shard tasks")
