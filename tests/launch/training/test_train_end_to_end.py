@@ -19,6 +19,7 @@ from launch.training.keylog import read_key_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FAULTY_TRAIN = "tests/launch/training/faulty_train.py"
+STATE_TRAIN = "tests/launch/training/state_train.py"
 KEY_ID, SECRET = "AKIAFUSMAEDISTINCT42", "fusmae-distinctive-secret-7f3a9c"
 
 def train(ranks: int, *overrides: str, env: dict | None = None, check: bool = True,
@@ -143,20 +144,66 @@ def test_rank_killed_during_upload_leaves_previous_checkpoint(shards, tmp_path):
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
 
 
+def zero2_state(folder: Path) -> dict:
+    """A ZeRO-1/2 checkpoint's fp32 weights and AdamW moments per parameter, whole: each parameter group's
+    rank partitions concatenated in rank order and cut at the parameter shapes the checkpoint lists."""
+    model = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
+    parts = [torch.load(f, weights_only=False)["optimizer_state_dict"]
+             for f in sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                             key=lambda f: int(f.name.split("_")[3]))]
+    assert len(parts) == model["dp_world_size"]
+    params = {}
+    for g, shapes in enumerate(model["param_shapes"]):
+        whole = {"fp32": torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])}
+        for key in ("exp_avg", "exp_avg_sq"):
+            whole[key] = torch.cat([p["base_optimizer_state"]["state"][g][key] for p in parts])
+        offset = 0
+        for name, shape in shapes.items():
+            params[name] = {k: v[offset: offset + shape.numel()].view(shape) for k, v in whole.items()}
+            offset += shape.numel()
+        assert offset <= whole["fp32"].numel()
+    steps = [int(parts[0]["base_optimizer_state"]["state"][g]["step"]) for g in range(len(model["param_shapes"]))]
+    return {"params": params, "loader": model["loader"], "world_size": model["dp_world_size"], "adam_steps": steps}
+
+
 def test_resume_at_a_different_world_size(shards, tmp_path):
-    run = tmp_path / "ws"
-    ckpt = run / "ckpt"
-    train(2, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
-                         "train.stop_at_step=3"))
-    proc = train(1, *common(shards, run, "train.max_steps=6", "checkpoint.every_steps=3", f"checkpoint.dir={ckpt}",
-                                "resume=auto"))
+    """2 ranks stop at step 3, 1 rank resumes through DeepSpeed's universal conversion and finishes."""
+    run, dump = tmp_path / "ws", tmp_path / "state"
+    args = common(shards, run, "train.max_steps=9", "checkpoint.every_steps=3", "checkpoint.keep=3",
+                  f"checkpoint.dir={run / 'ckpt'}", "train.log_sample_keys=true",
+                  "data.num_workers=1")  # one stream per rank: an epoch is then a whole number of steps
+    train(2, *args, "train.stop_at_step=3", env={"STATE_DUMP": str(dump)}, script=STATE_TRAIN)
+    proc = train(1, *args, "resume=auto", env={"STATE_DUMP": str(dump)}, script=STATE_TRAIN)
     assert "universal conversion from world size 2" in proc.stdout
     rows = metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, 10)) and all(np.isfinite(r["loss"]) for r in rows)
+
+    # The state the single rank holds after the conversion is the state the two ranks committed: every
+    # parameter's fp32 master weight and both AdamW moments, bit for bit, and Adam's step count. Both sides
+    # are read from DeepSpeed's own files (the committed step-3 of two ranks; the single rank's save right
+    # after loading) and reassembled here from their ZeRO-2 partitions.
+    committed, loaded = zero2_state(run / "ckpt" / "step-00000003"), zero2_state(dump / "loaded-step-3")
+    assert (committed["world_size"], loaded["world_size"]) == (2, 1)
+    assert committed["params"].keys() == loaded["params"].keys() and len(committed["params"]) > 20
+    for name, state in committed["params"].items():
+        for what in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded["params"][name][what], state[what]), (name, what)
+    assert all(s["exp_avg_sq"].abs().sum() > 0 for s in committed["params"].values())  # 3 steps of moments
+    assert committed["adam_steps"] == loaded["adam_steps"] == [3, 3]
+    # The loader's position: 3 steps x 4 samples x 2 ranks = 24 samples, the whole shard set once. The single
+    # rank goes on at the start of the next epoch, and its 6 steps x 4 read that epoch whole, each sample once.
+    everything = sorted(pd.read_parquet(shards / "index.parquet")["key"])
+    assert len(everything) == 24
+    first = [key for rank in (0, 1) for k in read_key_log(str(run), rank) if k["step"] <= 3 for key in k["keys"]]
+    second = [key for k in read_key_log(str(run), 0) if k["step"] > 3 for key in k["keys"]]
+    assert sorted(first) == everything and sorted(second) == everything
+    assert "continuing at epoch 1, 0.0% through (24 samples consumed by all ranks)" in proc.stdout + proc.stderr
+    assert committed["loader"]["samples_consumed"] == loaded["loader"]["samples_consumed"] == 3 * 4 * 2
+
     # the run keeps the rate it started with (base_lr 0.032 x 8 / 256 at 2 ranks), not 1 rank's half of it:
-    # after 2 warm-up steps a cosine from 1e-3 to 0 over steps 2..6
+    # after 2 warm-up steps a cosine from 1e-3 to 0 over steps 2..9
     assert "keeping the run's peak lr 0.001 from its checkpoint (lr 0.0005 = base_lr 0.032" in proc.stdout
-    expected = [1e-3] * 2 + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(3, 7)]
+    expected = [1e-3] * 2 + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 7)) for s in range(3, 10)]
     np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-9, atol=1e-15)
 
 
