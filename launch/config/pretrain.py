@@ -115,7 +115,8 @@ class CheckpointConfig:
 class DeepSpeedConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False
-    """ZeRO-Offload of optimizer states to host memory (stages 1-3)."""
+    """ZeRO-Offload of optimizer states to host memory (stages 1-3); the step runs there, in DeepSpeed's CPU Adam
+    (or in torch's AdamW when `torch_adam` is true, as it is without a GPU)."""
     torch_adam: Optional[bool] = None
     """Use torch's AdamW instead of DeepSpeed's fused op; None = automatic (True without a GPU)."""
     monitor: str = "none"
@@ -128,6 +129,13 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.monitor not in ("none", "csv", "tensorboard"):
             raise ValueError(f"deepspeed.monitor: must be none, csv or tensorboard, got {self.monitor!r}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: ZeRO-Offload partitions the optimizer states, which "
+                             "stage 0 does not: set deepspeed.zero_stage to 1, 2 or 3")
+
+    def uses_torch_adam(self, has_gpu: bool) -> bool:
+        """Whether the optimizer is torch's AdamW (`torch_adam`, automatic: without a GPU) or DeepSpeed's."""
+        return self.torch_adam if self.torch_adam is not None else not has_gpu
 
 
 @dataclass
@@ -170,7 +178,7 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, has_gpu: bool) -> dic
                     allgather_bucket_size=int(ds.bucket_size))
         if ds.zero_stage == 3:
             zero.update(stage3_prefetch_bucket_size=int(ds.bucket_size))
-    if ds.offload_optimizer and ds.zero_stage > 0:
+    if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": has_gpu}
     if ds.zero_stage == 3:
         # Gather the full weights into the checkpoint on save so that exports and
@@ -186,6 +194,10 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, has_gpu: bool) -> dic
         "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed's own prints quiet
         "wall_clock_breakdown": False,
     }
+    if ds.offload_optimizer and ds.uses_torch_adam(has_gpu):
+        # DeepSpeed refuses a client optimizer with ZeRO-Offload unless told: torch's AdamW then steps the
+        # host-memory fp32 partitions (DeepSpeed's CPU Adam is faster there; torch_adam=false selects it).
+        conf["zero_force_ds_cpu_optimizer"] = False
     if ds.monitor == "tensorboard":
         conf["tensorboard"] = {"enabled": True, "output_path": cfg.run.dir, "job_name": "deepspeed"}
     elif ds.monitor == "csv":

@@ -115,10 +115,11 @@ class Trainer:
         ds_config = deepspeed_config(cfg, self.world_size, self.has_gpu)
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
-        use_torch_adam = cfg.deepspeed.torch_adam if cfg.deepspeed.torch_adam is not None else not self.has_gpu
         groups = decay_groups(self.model, t.weight_decay, self.model.no_weight_decay())
-        if use_torch_adam:
-            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(t.betas), fused=self.has_gpu)
+        if cfg.deepspeed.uses_torch_adam(self.has_gpu):
+            # fused: the one-kernel CUDA step, for parameters on the GPU (offloaded ones live in host memory)
+            fused = self.has_gpu and not cfg.deepspeed.offload_optimizer
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(t.betas), fused=fused)
         else:  # DeepSpeed's fused Adam, configured from the same schema
             optimizer = None
             ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": self.lr, "betas": list(t.betas),

@@ -68,6 +68,7 @@ def test_overrides_take_precedence_and_are_typed():
         (["model.decoder=xattn", "model.fusion=stack"], r"model\.decoder"),
         (["data.image_size=30"], r"data\.image_size"),
         (["deepspeed.zero_stage=4"], r"deepspeed\.zero_stage"),
+        (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], r"deepspeed\.offload_optimizer: .*stage 0"),
         (["train.micro_batch_size=0"], r"train\.micro_batch_size"),
         (["resume=auto"], r"checkpoint\.dir"),
         (["max_steps"], r"key=value"),
@@ -110,6 +111,19 @@ def test_deepspeed_json_is_derived_from_the_schema():
     assert ds["bf16"] == {"enabled": True}
     # the optimizer and learning rate are set in one place only: the trainer builds them from train.*
     assert "optimizer" not in ds and "scheduler" not in ds
+
+
+@pytest.mark.parametrize("has_gpu,torch_adam,client_optimizer", [
+    (False, None, True), (True, None, False), (True, True, True), (False, False, False)])
+def test_offload_takes_the_optimizer_it_runs_with(has_gpu, torch_adam, client_optimizer):
+    # DeepSpeed refuses ZeRO-Offload with a client optimizer unless zero_force_ds_cpu_optimizer is false: set
+    # exactly when the trainer hands it torch's AdamW (torch_adam, automatic: without a GPU)
+    extra = [] if torch_adam is None else [f"deepspeed.torch_adam={str(torch_adam).lower()}"]
+    cfg = load_config(str(ROOT / "configs/debug.yaml"), REQUIRED + ["deepspeed.offload_optimizer=true", *extra])
+    ds = deepspeed_config(cfg, world_size=2, has_gpu=has_gpu)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": has_gpu}
+    assert cfg.deepspeed.uses_torch_adam(has_gpu) is client_optimizer
+    assert ds.get("zero_force_ds_cpu_optimizer", True) is not client_optimizer
 
 
 def test_saved_config_has_no_credentials(tmp_path):
