@@ -112,9 +112,33 @@ def test_zero3_bf16_trains_checkpoints_and_exports(shards, tmp_path):
                          "checkpoint.every_steps=2", f"checkpoint.dir={run / 'ckpt'}", "deepspeed.monitor=csv"))
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
-    # the same scalars reach DeepSpeed's own monitor
-    csv_files = {p.name: p for p in run.rglob("*.csv")}
-    assert any("loss" in name for name in csv_files), sorted(csv_files)
+    # the same scalars reach DeepSpeed's own monitor: its CSV files (run.dir/deepspeed/train_<name>.csv, columns
+    # step and <name>, DeepSpeed's csvMonitor layout) hold exactly what metrics.jsonl holds
+    for key in ("loss", "loss_s1", "loss_s2", "lr", "samples_per_s"):
+        logged = pd.read_csv(run / "deepspeed" / f"train_{key}.csv")
+        assert list(logged.columns) == ["step", key]
+        assert logged["step"].tolist() == [1, 2, 3, 4] and logged[key].tolist() == [r[key] for r in rows], key
+    # the pictures show what they say: a 4 x 6 grid of square panels (4 samples of the micro batch; S2 and S1 each
+    # as input, masked input, reconstruction), none of them flat; about 75% of a masked panel is the one fill colour
+    # (model.mask_ratio 0.75: 12 of the 16 patches hidden), and the reconstruction is not the input
+    pictures = sorted(run.glob("reconstruction-step-*.png"))
+    assert [p.name for p in pictures] == ["reconstruction-step-00000002.png", "reconstruction-step-00000004.png"]
+    grid = picture_panels(pictures[-1])
+    assert [len(row) for row in grid] == [6] * 4
+    for row in grid:
+        for panel in row:
+            assert abs(panel.shape[0] - panel.shape[1]) <= 2 and panel.shape[0] > 50
+            assert len(np.unique(panel.reshape(-1, 3), axis=0)) > 50
+        for first in (0, 3):  # S2, then S1
+            source, masked, recon = (p.astype(int) for p in row[first: first + 3])
+            colours, counts = np.unique(masked.reshape(-1, 3), axis=0, return_counts=True)
+            assert 0.65 < counts.max() / counts.sum() < 0.85
+            # where the masked panel shows the input, the input panel and the reconstruction (visible patches
+            # pasted back) show it too; where it is hidden, the reconstruction is the model's, not the input
+            shown = (masked != colours[counts.argmax()]).any(axis=-1)
+            same = lambda x, y: (np.abs(x - y) <= 8).all(axis=-1).mean()  # noqa: E731 (resampling at the edges)
+            assert same(masked[shown], source[shown]) > 0.8 and same(recon[shown], source[shown]) > 0.8
+            assert same(recon[~shown], source[~shown]) < 0.2
     from launch.training.export import load_encoder
 
     net, meta = load_encoder(str(run / "ckpt" / "encoder"))
@@ -129,6 +153,30 @@ def test_zero3_bf16_trains_checkpoints_and_exports(shards, tmp_path):
     fresh = FusMAE(net.cfg).encoder_state_dict()
     trained = load_file(str(run / "ckpt" / "encoder" / "model.safetensors"))
     assert any(not torch.equal(trained[k], fresh[k].float()) for k in trained if k.startswith("blocks"))
+
+
+def runs(line: np.ndarray, min_length: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-d mask at least ``min_length`` long."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], line.astype(np.int8), [0]])))
+    return [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a >= min_length]
+
+
+def picture_panels(path: Path) -> list[list[np.ndarray]]:
+    """The image panels of a figure, found in its pixels: blocks of non-white separated by the white margins
+    (titles are lines of text, much shorter than a panel, and are left out). Rows of (H, W, 3) uint8 crops."""
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB"))
+    ink = (img < 250).any(axis=-1)
+    columns = runs(ink[ink.shape[0] // 2:].any(axis=0), 20)  # the lower half: panels only, no titles
+    grid: list[list[np.ndarray]] = []
+    for c0, c1 in columns:
+        found = runs(ink[:, c0:c1].any(axis=1), (c1 - c0) // 2)
+        for i, (r0, r1) in enumerate(found):
+            if len(grid) <= i:
+                grid.append([])
+            grid[i].append(img[r0 + 3: r1 - 3, c0 + 3: c1 - 3])  # inside the frame
+    return grid
 
 
 def test_rank_killed_during_upload_leaves_previous_checkpoint(shards, tmp_path):
@@ -240,3 +288,73 @@ def test_torchrun_launch(shards, tmp_path):
     log = proc.stdout + proc.stderr
     assert log.count("finished 3 steps") == 2
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the TensorBoard event files under ``folder``, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(folder.rglob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event file under {folder}"
+    scalars: dict[str, dict[int, float]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return scalars
+
+
+def test_zero1_accumulation_offload_tensorboard_and_resume_from_a_step_url(shards, tmp_path):
+    """ZeRO-1 with 2 micro batches accumulated per step and the optimizer offloaded to host memory, DeepSpeed's
+    TensorBoard monitor on; then a second run that starts from one step folder of the first (resume=<url>)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    setup = ["deepspeed.zero_stage=1", "train.micro_batch_size=2", "train.grad_accum_steps=2",
+             "deepspeed.offload_optimizer=true", "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=2",
+             "train.log_sample_keys=true", "data.num_workers=1", "train.log_every=1"]
+    first = train(2, f"data.manifest={shards / 'manifest.json'}", f"run.dir={a}", f"checkpoint.dir={a / 'ckpt'}",
+                  "deepspeed.monitor=tensorboard", *setup)
+    # global batch = micro batch x accumulation x ranks = 2 x 2 x 2: the same lr as 4 x 1 x 2 (MAE's rule, base/256)
+    assert "peak lr 0.001 = base_lr 0.032 x global batch 8 (2 x 2 accumulation x 2 ranks) / 256" in first.stdout
+    rows = metrics(a)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    # One optimizer step per 2 micro batches: each rank reads 2 x 2 samples per step, and with 24 samples and 8 per
+    # step, steps 1-3 and 4-6 are each one epoch, every sample of the index exactly once per epoch.
+    everything = sorted(pd.read_parquet(shards / "index.parquet")["key"])
+    logs = {rank: read_key_log(str(a), rank) for rank in (0, 1)}
+    assert all(len(k["keys"]) == 4 for rank in (0, 1) for k in logs[rank])
+    for epoch in ((1, 2, 3), (4, 5, 6)):
+        seen = [key for rank in (0, 1) for k in logs[rank] if k["step"] in epoch for key in k["keys"]]
+        assert sorted(seen) == everything, epoch
+    # the checkpoint is ZeRO stage 1 with its optimizer offloaded to the CPU, 2 ranks' partitions, 6 Adam steps
+    # (not 12: the accumulation boundary steps the optimizer)
+    step6 = a / "ckpt" / "step-00000006"
+    saved = torch.load(step6 / "mp_rank_00_model_states.pt", weights_only=False)
+    assert saved["ds_config"]["zero_optimization"]["stage"] == 1
+    assert saved["ds_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert saved["ds_config"]["gradient_accumulation_steps"] == 2
+    state = zero2_state(step6)
+    assert state["world_size"] == 2 and set(state["adam_steps"]) == {6}
+    assert all(p["exp_avg_sq"].abs().sum() > 0 for p in state["params"].values())
+
+    # DeepSpeed's TensorBoard monitor holds the scalars metrics.jsonl holds, step for step (float32 in the events)
+    scalars = tensorboard_scalars(a)
+    for key in ("loss", "loss_s1", "loss_s2", "lr"):
+        assert scalars[f"train/{key}"] == {r["step"]: pytest.approx(float(np.float32(r[key])), rel=1e-7)
+                                           for r in rows}, key
+
+    # A new run from the first run's step-3 folder, into its own checkpoint folder: it continues at step 4 and
+    # repeats the first run's steps 4-6 exactly (losses bit for bit, the same samples on each rank).
+    url = str(a / "ckpt" / "step-00000003")
+    second = train(2, f"data.manifest={shards / 'manifest.json'}", f"run.dir={b}", f"checkpoint.dir={b / 'ckpt'}",
+                   f"resume={url}", *setup)
+    assert f"resumed from {a / 'ckpt'}/step-00000003 at step 3" in second.stdout
+    resumed = metrics(b)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for key in ("loss", "loss_s1", "loss_s2", "lr"):
+        assert [r[key] for r in resumed] == [r[key] for r in rows[3:]], key
+    for rank in (0, 1):
+        assert [k for k in read_key_log(str(b), rank) if k["step"] > 3] == logs[rank][3:]
+    # the source folder is only read: its checkpoints are as they were, the new run's go to its own folder
+    assert json.loads((a / "ckpt" / "latest").read_text())["tag"] == "step-00000006"
+    assert json.loads((b / "ckpt" / "latest").read_text())["tag"] == "step-00000006"
