@@ -284,10 +284,18 @@ def test_bad_config_fails_before_launching_work(shards, tmp_path):
 def test_torchrun_launch(shards, tmp_path):
     """The same script under torchrun (RANK / WORLD_SIZE / LOCAL_RANK from the launcher, no --local_rank)."""
     run = tmp_path / "torchrun"
-    proc = torchrun(2, "launch/train.py", "--config", DEBUG, *common(shards, run, "train.max_steps=3"))
+    proc = torchrun(2, "launch/train.py", "--config", DEBUG,
+                    *common(shards, run, "train.max_steps=3", "train.log_sample_keys=true"))
     log = proc.stdout + proc.stderr
     assert log.count("finished 3 steps") == 2
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    # one 2-rank group, not two 1-rank runs: the batch counts both ranks, and at every step the ranks read
+    # different samples of the shard set
+    assert "global batch 8 (4 x 1 accumulation x 2 ranks)" in proc.stdout
+    logs = [read_key_log(str(run), rank) for rank in (0, 1)]
+    assert [[k["step"] for k in log] for log in logs] == [[1, 2, 3]] * 2
+    for mine, theirs in zip(*logs):
+        assert len(mine["keys"]) == len(theirs["keys"]) == 4 and not set(mine["keys"]) & set(theirs["keys"])
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
