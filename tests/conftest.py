@@ -18,6 +18,18 @@ DEBUG = str(ROOT / "configs" / "debug.yaml")
 free_port = local_s3.free_port
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environment():
+    """Every test gets back the environment it started with: a launcher variable one test sets (RANK=5,
+    WORLD_SIZE=8, MASTER_ADDR) must not make a later test join a process group that does not exist.
+    Function scope: set up after the session and module fixtures (the S3 endpoint's variables stay)."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A moto S3 server in its own process on loopback; yields its URL.
