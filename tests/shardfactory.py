@@ -59,7 +59,8 @@ def make_shard_set(
     """Write shards of ``shard_sizes`` samples and a manifest.json under ``folder_or_url``; return the manifest URL.
 
     The manifest has the pipeline's layout: shards with real byte counts and sha256,
-    per-band stats over valid pixels (S2 != 0, S1 finite) computed with numpy,
+    per-band stats over valid pixels (S2 != 0, S1 finite) merged with the pipeline's BandMoments (the shards
+    here are inputs to loader and training tests, which do not test the statistics themselves),
     modalities with dtype and no-data, image_size [hw, hw].
     """
     bands2 = list(s2_bands) if s2_bands is not None else S2_BANDS[:s2_channels]  # names, else the first N
