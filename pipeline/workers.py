@@ -19,7 +19,7 @@ from pipeline.job import STAGING_PREFIX, PreprocessSettings, SourceSpec, progres
 from pipeline.plan import ShardTask, SplitPlan
 from pipeline.shards import Sample, ShardWriter
 from pipeline.sources import Rejection, Source
-from pipeline.stats import BandMoments
+from pipeline.stats import BandMoments, IntegerSums
 from pipeline.storage import RETRY_WINDOW_ENV, is_local, put_atomic, retry_window_s, url_to_fs, write_bytes_atomic
 
 
@@ -79,12 +79,23 @@ class _Tally:
     shape: Optional[list[int]] = None
     """[H, W] of the first sample."""
 
+    s2_sums: Optional[IntegerSums] = None
+    """Exact sums of integer S2 (valid = not the no-data value: `Source.valid_s2`), folded into ``s2`` at the end."""
+
     def add(self, sample: Sample, source: Source) -> None:
         self.s1 = self.s1.merge(BandMoments.of(sample.s1, source.valid_s1(sample.s1)))
-        self.s2 = self.s2.merge(BandMoments.of(sample.s2, source.valid_s2(sample.s2)))
+        if IntegerSums.supports(sample.s2):
+            if self.s2_sums is None:
+                self.s2_sums = IntegerSums(sample.s2.shape[0], source.nodata()["s2"])
+            self.s2_sums.add(sample.s2)
+        else:
+            self.s2 = self.s2.merge(BandMoments.of(sample.s2, source.valid_s2(sample.s2)))
         self.dtypes.setdefault("s1", str(sample.s1.dtype))
         self.dtypes.setdefault("s2", str(sample.s2.dtype))
         self.shape = self.shape or list(sample.s2.shape[1:])
+
+    def s2_moments(self) -> BandMoments:
+        return self.s2 if self.s2_sums is None else self.s2.merge(self.s2_sums.moments())
 
 
 def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
@@ -123,7 +134,7 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
         "rows": writer.rows,  # (key, offset, label_vector) in write order: the sample index (pipeline.index)
         "dtypes": tally.dtypes,
         "shape": tally.shape,
-        "stats": {"s1": tally.s1.to_dict(), "s2": tally.s2.to_dict()},
+        "stats": {"s1": tally.s1.to_dict(), "s2": tally.s2_moments().to_dict()},
         "rejections": tally.rejections,
     }
     # The record is written after the shard is published: its presence means the shard is complete.

@@ -13,7 +13,7 @@ import webdataset as wds
 from pipeline.plan import pack_shards
 from pipeline.shards import Sample, ShardWriter, decode_npy, iter_samples, iter_tar_samples, make_key, npy_view
 from pipeline.sources.base import WorkItem
-from pipeline.stats import BandMoments
+from pipeline.stats import BandMoments, IntegerSums
 from pipeline.storage import redact, redact_argv, redact_url
 
 
@@ -47,6 +47,51 @@ def test_band_moments_merge_equals_numpy(pieces):
         np.testing.assert_allclose(total.std[b], ref.std(), rtol=1e-10)
     again = BandMoments.from_dict(json.loads(json.dumps(total.to_dict())))
     np.testing.assert_array_equal(again.mean, total.mean)
+
+
+def exact_reference(x: np.ndarray, nodata: int) -> tuple[list[int], list[float], list[float]]:
+    """Count, mean and M2 per band over the pixels != nodata: int64 sums (exact at these sizes), then fractions."""
+    from fractions import Fraction
+
+    counts, means, m2s = [], [], []
+    for b in range(x.shape[1]):
+        v = x[:, b][x[:, b] != nodata].astype(np.int64)
+        n, total, squares = v.size, int(v.sum()), int((v * v).sum())
+        counts.append(n)
+        means.append(float(Fraction(total, n)) if n else 0.0)
+        m2s.append(float(Fraction(n * squares - total * total, n)) if n else 0.0)
+    return counts, means, m2s
+
+
+@pytest.mark.parametrize("dtype,nodata,low,high,side", [
+    (np.uint16, 0, 0, 65535, 40),     # S2 digital numbers, no-data 0, the full 16-bit range
+    (np.int16, 0, -1000, 12000, 40),  # offset removed: negative values, no-data still 0
+    (np.uint16, 7, 0, 40, 40),        # a non-zero no-data value, also drawn at random among the values
+    (np.uint16, 0, 0, 65535, 1500),   # 2.25 M pixels a band: past exact float64 sums, the int64 path
+])
+def test_integer_sums_are_exact(dtype, nodata, low, high, side):
+    rng = np.random.default_rng(3)
+    x = rng.integers(low, high, size=(2, 3, side, side), endpoint=True).astype(dtype)
+    x[:, 1, :5] = nodata
+    x[:, 2] = nodata  # a band with no valid pixel at all
+    sums = IntegerSums(3, nodata)
+    for sample in x:
+        sums.add(sample)
+    got = sums.moments()
+    counts, means, m2s = exact_reference(x, nodata)
+    # exact: the correctly rounded mean and M2 of the exact rational values, bit for bit
+    assert got.count.tolist() == counts and counts[2] == 0 and 0 < counts[1] < counts[0]
+    assert got.mean.tolist() == means and got.m2.tolist() == m2s
+    # and numpy's float64 over the valid pixels, to its rounding
+    for b in (0, 1):
+        ref = x[:, b][x[:, b] != nodata].astype(np.float64)
+        np.testing.assert_allclose(got.std[b], ref.std(), rtol=1e-12)
+
+
+def test_integer_sums_take_16_bit_integers_only():
+    # wider integers or floats go through BandMoments.of (float64 with a mask)
+    assert IntegerSums.supports(np.zeros(1, np.uint16)) and IntegerSums.supports(np.zeros(1, np.int16))
+    assert not IntegerSums.supports(np.zeros(1, np.int32)) and not IntegerSums.supports(np.zeros(1, np.float32))
 
 
 def test_shard_writer_is_deterministic_and_readable_by_plain_webdataset(tmp_path):
