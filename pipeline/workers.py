@@ -35,8 +35,10 @@ def init_ray(address: Optional[str], workers: int) -> None:
     runtime_env = {"env_vars": {RETRY_WINDOW_ENV: repr(retry_window_s())}}
     if address:  # an existing cluster (`ray submit` sets RAY_ADDRESS=auto through the cluster YAML)
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:  # the embedded default: a local instance sized to --workers
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+    else:  # the embedded default: a local instance sized to --workers. address="local": a new one even when
+        # a `ray start` cluster is up on this machine, which a bare ray.init() would find and try to join
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=True,
+                 runtime_env=runtime_env)
     _CLUSTER["kind"] = "existing" if address else "embedded"
 
 
