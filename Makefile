@@ -24,12 +24,18 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 setup: $(STAMP)
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one process so that its module
+# fixtures are built once; most end-to-end tests wait on subprocesses (Ray, DeepSpeed, S3) about half the time,
+# which the second process fills. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # Everything except the slow end-to-end tests, for the edit-test loop.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The optional TerraTorch extra in its own environment: TerraTorch needs torchvision, and PyPI's Linux torchvision
 # wheels load only beside a matching (CUDA) torch build, not beside the CPU wheel above. About 6 minutes and
