@@ -256,8 +256,12 @@ def put_atomic(fs: fsspec.AbstractFileSystem, local_path: str, dest: str) -> Non
         retrying(fs.put_file)(local_path, dest)
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, dest: str, data: bytes) -> None:
-    """Write small metadata files (manifest, pointers) atomically, with retries."""
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, dest: str, data: bytes, durable: bool = True) -> None:
+    """Write small metadata files (manifest, pointers) atomically, with retries.
+
+    ``durable``: on a local file system, fsync before the rename, so that the file survives a power cut
+    whole. False for files whose loss or tearing a rerun detects and repairs (shard progress records): an
+    fsync there would also flush the shard just written (ext4 commits pending data with the journal)."""
     parent = dest.rsplit("/", 1)[0]
     if is_local(fs):
         os.makedirs(parent, exist_ok=True)
@@ -266,7 +270,8 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, dest: str, data: bytes) ->
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):

@@ -139,8 +139,11 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
         "stats": {"s1": tally.s1.to_dict(), "s2": tally.s2_moments().to_dict()},
         "rejections": tally.rejections,
     }
-    # The record is written after the shard is published: its presence means the shard is complete.
-    write_bytes_atomic(fs, progress_path(root, task.name), json.dumps(record, sort_keys=True).encode())
+    # The record is written after the shard is published: its presence means the shard is complete. Not
+    # fsynced: a rerun reuses a shard only when its record parses and its size (and sha256) check out, so a
+    # record or shard a power cut tore or lost is rebuilt.
+    write_bytes_atomic(fs, progress_path(root, task.name), json.dumps(record, sort_keys=True).encode(),
+                       durable=False)
     return record
 
 
