@@ -5,10 +5,12 @@ Generates a synthetic archive in a published layout at the real tile size
 
 1. the floor: the source's own ``plan`` and ``read`` in this process, samples
    decoded and discarded (no encoding, hashing, statistics, tar or Ray);
-2. ``python -m pipeline.preprocess`` as a subprocess with ``--workers 1``, output
+2. the shard tasks: `pipeline.workers.build_shard` over the job's shards in this
+   process (what one worker does, without Ray), after a warm-up task for the imports;
+3. ``python -m pipeline.preprocess`` as a subprocess with ``--workers 1``, output
    to a local temporary folder;
-3. the same with ``--workers 2`` (more with ``--workers 1 2 4``), and the scaling;
-4. with ``--s3``, the same jobs again with output to a moto S3 server on loopback.
+4. the same with ``--workers 2`` (more with ``--workers 1 2 4``), and the scaling;
+5. with ``--s3``, the same jobs again with output to a moto S3 server on loopback.
 
 A job's throughput is taken from the manifest's ``run.seconds`` (planning plus
 shard tasks; it excludes interpreter start, imports and ``ray.init``); the
@@ -112,6 +114,34 @@ def read_floor(source: str, input_url: str, profile: int = 0) -> dict[str, Any]:
     return out
 
 
+# -- the shard tasks in this process -----------------------------------------------------------
+
+
+def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path) -> dict[str, Any]:
+    """What one worker does without Ray: `build_shard` over the job's shards in this process, after a one-sample
+    warm-up task that pays the imports (webdataset imports torch: ~1.5-2.5 s per worker process)."""
+    from pipeline.job import SourceSpec
+    from pipeline.plan import ShardTask, pack_shards
+    from pipeline.workers import build_shard
+
+    options = SourceOptions()
+    items, _ = SOURCES[source](input_url, options).plan("train", serial_map)
+    spec = SourceSpec(source, input_url, options)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    build_shard(spec, "train", ShardTask(-1, "warm-up.tar", items[:1], "warm-up"), str(out), {})
+    warm_s = time.perf_counter() - start
+    shards = pack_shards(items, int(shard_mb * 1024 * 1024), 10**9)  # as PreprocessSettings.shard_bytes
+    samples = 0
+    cpu_start, start = time.process_time(), time.perf_counter()
+    for k, shard in enumerate(shards):
+        samples += build_shard(spec, "train", ShardTask(k, f"train-{k:06d}.tar", shard, f"bench-{k}"), str(out),
+                               {})["samples"]
+    seconds = time.perf_counter() - start
+    return {"samples": samples, "seconds": seconds, "cores_busy": (time.process_time() - cpu_start) / seconds,
+            "warm_up_seconds": warm_s, "shards": len(shards)}
+
+
 # -- the job -------------------------------------------------------------------------------
 
 
@@ -200,6 +230,13 @@ def main() -> None:
         bytes_per_sample = floor["bytes"] / floor["samples"]
         floor.update(rates(floor["samples"], floor["read_seconds"], bytes_per_sample))
 
+        tasks = shard_tasks(args.source, input_url, args.shard_size_mb, work / "tasks")
+        if tasks["samples"] != floor["samples"]:
+            sys.exit(f"the shard tasks wrote {tasks['samples']} samples, the floor read {floor['samples']}")
+        tasks.update(rates(tasks["samples"], tasks["seconds"], bytes_per_sample))
+        if not args.keep:
+            shutil.rmtree(work / "tasks", ignore_errors=True)
+
         targets = [("local", None)]
         stack = contextlib.ExitStack()
         if args.s3:
@@ -255,6 +292,9 @@ def main() -> None:
     print(f"| floor: plan + read, one process | none | 1 | {floor['read_seconds']:.2f} | – "
           f"| {floor['samples_per_s']:.1f} | {floor['mb_per_s']:.0f} | {floor['samples_per_s']:.1f} "
           f"| {floor['mb_per_s']:.0f} | 1.00 |")
+    print(f"| shard tasks (build_shard), one process, no Ray | local | 1 | {tasks['seconds']:.2f} | – "
+          f"| {tasks['samples_per_s']:.1f} | {tasks['mb_per_s']:.0f} | {tasks['samples_per_s']:.1f} "
+          f"| {tasks['mb_per_s']:.0f} | {tasks['samples_per_s'] / floor['samples_per_s']:.2f} |")
     for j in jobs:
         print(f"| preprocess | {j['target']} | {j['workers']} | {j['wall_seconds']:.2f} | {j['job_seconds']:.2f} "
               f"| {j['samples_per_s']:.1f} | {j['mb_per_s']:.0f} | {j['samples_per_s_per_worker']:.1f} "
@@ -265,6 +305,10 @@ def main() -> None:
           f"planning (on Ray) plus the shard tasks, without interpreter start, imports and ray.init; the jobs' "
           f"throughputs are computed from it. Wall s is the subprocess's whole life."
           + (f" Each row is the fastest of {args.repeat} runs (all in --json)." if args.repeat > 1 else ""))
+    print(f"- shard tasks: what one worker does (read, check, statistics, tar, sha256, the progress record) on the "
+          f"job's {tasks['shards']} shards, in this process after a {tasks['warm_up_seconds']:.1f} s warm-up task "
+          f"(imports); {tasks['cores_busy']:.2f} cores busy. The job rows add Ray's start, its own processes "
+          f"(dashboard agent, log monitor, ...) sharing the cores, planning and the per-task hand-over.")
     for j in jobs:
         plan = f"{j['plan_seconds']:.1f} s planning" if j["plan_seconds"] is not None else "planning not reported"
         print(f"- {j['target']}, {j['workers']} worker(s): {plan}; start-up and shutdown outside run.seconds "
@@ -284,7 +328,8 @@ def main() -> None:
         print("\n### cProfile of the floor's read loop (by own time)\n")
         print("```\n" + profile.strip() + "\n```")
 
-    write_json(args.json, {"setup": setup, "hardware": hw, "archive": archive, "floor": floor, "jobs": jobs})
+    write_json(args.json, {"setup": setup, "hardware": hw, "archive": archive, "floor": floor, "shard_tasks": tasks,
+                           "jobs": jobs})
 
 
 if __name__ == "__main__":
