@@ -116,3 +116,17 @@ def ssl4eo_shards(root: Path, seed: int = 11) -> Path:
     run_module("pipeline.preprocess", "--no-progress", "--source", "ssl4eo-zarr", "--input", str(root / "archive"),
                "--output", str(root / "shards"), "--workers", "1", "--samples-per-shard", "5")
     return root / "shards"
+
+
+def live_session_members(sid: int) -> list[int]:
+    """Pids of the live (not zombie) processes of session ``sid``, from Linux /proc: a job started with
+    ``start_new_session=True`` and its Ray raylet and workers, which have process groups of their own."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _pgrp, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, IndexError):
+            continue
+        if int(session) == sid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids

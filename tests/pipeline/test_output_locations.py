@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import ROOT, live_session_members, run_module
 from pipeline import synthetic
 
 ARGS = ["--no-progress", "--source", "ssl4eo-zarr", "--workers", "1"]
@@ -121,23 +121,10 @@ def test_file_url_output_is_the_same_set_as_a_plain_path(archive, clean, tmp_pat
     assert not (ROOT / "file:").exists()  # the URL was not taken for a relative folder name
 
 
-def _session_members(sid: int) -> list[int]:
-    """Pids of the live (not zombie) processes of session ``sid``, from Linux /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, _pgrp, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, IndexError):
-            continue
-        if int(session) == sid and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _kill_session(sid: int, deadline: float) -> None:
     """SIGKILL every process of the job's session (driver, Ray's raylet and workers) until none is left:
     as if the machine died, so no worker finishes the upload it was in."""
-    while pids := _session_members(sid):
+    while pids := live_session_members(sid):
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

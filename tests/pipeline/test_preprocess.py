@@ -19,7 +19,7 @@ import webdataset as wds
 import xarray as xr
 import zarr
 
-from conftest import ROOT, S3_ENV, fresh_s3fs, run_module
+from conftest import ROOT, S3_ENV, fresh_s3fs, live_session_members, run_module
 from pipeline import synthetic
 # Expected band orders, resolutions and class names: the published literals the generator writes from
 # (ESA Sentinel-2 band list; BigEarthNet 19-class nomenclature, Sumbul et al. 2021), not the readers' own.
@@ -316,19 +316,6 @@ def _zarr_big(tmp_path_factory):
     return root
 
 
-def _live_session_members(sid: int) -> list[int]:
-    """Pids of the running (not zombie) processes of session ``sid``, from Linux /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, _pgrp, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, IndexError):
-            continue
-        if int(session) == sid and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def test_kill_and_rerun_loses_and_duplicates_nothing(tmp_path, tmp_path_factory):
     src = _zarr_big(tmp_path_factory)
     # many small shards, so that the kill lands while most of them are still to be written
@@ -350,7 +337,7 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(tmp_path, tmp_path_factory)
     proc.wait()
     # Ray's worker processes have process groups of their own, so one may still finish the shard it was
     # writing: count what the killed job left once the last process of its session is gone.
-    while _live_session_members(proc.pid):
+    while live_session_members(proc.pid):
         assert time.time() < deadline
         time.sleep(0.1)
     assert not (out / "manifest.json").exists()
