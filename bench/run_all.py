@@ -69,6 +69,12 @@ def _preprocess(r: dict[str, Any]) -> list[Headline]:
     return out
 
 
+def _planning(r: dict[str, Any]) -> list[Headline]:
+    files = r["setup"]["files"]
+    return [(f"planning, {j['workers']} worker(s), s per 1,000 input files on S3",
+             f"{j['plan_seconds'] / files * 1000:.1f}") for j in r["jobs"]]
+
+
 def _checkpoint(r: dict[str, Any]) -> list[Headline]:
     out = []
     for t in r["results"]:
@@ -119,6 +125,7 @@ BENCHES: dict[str, Bench] = {
     "loader": Bench("bench_loader.py", _loader, quick=["--samples", "16", "--seconds", "2"],
                     gpu=["--device", "cuda", "--model", "vit_s"]),
     "preprocess": Bench("bench_preprocess.py", _preprocess, quick=["--samples", "64"]),
+    "planning": Bench("bench_planning.py", _planning, quick=["--files", "40", "--workers", "1"]),
     "checkpoint": Bench("bench_checkpoint.py", _checkpoint, quick=["--size", "tiny", "--steps", "12", "--every", "4"]),
     "zero_memory": Bench("bench_zero_memory.py", _zero_memory, quick=["--size", "tiny", "--steps", "2"]),
     "label_subset": Bench("bench_label_subset.py", _label_subset, quick=["--patches", "200", "--fraction", "0.05"]),
