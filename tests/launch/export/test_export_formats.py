@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,24 @@ def test_hub_folder_on_s3(shards, s3_bucket, tmp_path):
     assert meta["format"] == "hub" and all(torch.equal(net.encoder_state_dict()[k], state[k]) for k in state)
     fs.get(dest, str(tmp_path / "local"), recursive=True)
     assert torch.equal(FusMAEEncoder.from_pretrained(str(tmp_path / "local")).norm.weight, state["norm.weight"])
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_hub_folder_at_file_and_memory_urls(shards, tmp_path, scheme):
+    # file:// is the plain folder (nothing created under a folder literally named "file:"); memory:// is one
+    # process's filesystem, which the evaluation and export commands can use in-process
+    import fsspec
+
+    dest = (tmp_path / "enc").as_uri() if scheme == "file" else f"memory://{uuid.uuid4().hex}/enc"
+    state, _ = hub_export(shards, dest, seed=3)
+    fs, root = fsspec.core.url_to_fs(dest)
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False)) == [
+        "README.md", "config.json", "model.safetensors"]
+    if scheme == "file":
+        assert (tmp_path / "enc" / "config.json").is_file() and not (ROOT / "file:").exists()
+    net, meta = export.load_encoder(dest)
+    assert meta["format"] == "hub" and meta["step"] == 7
+    assert all(torch.equal(net.encoder_state_dict()[k], state[k]) for k in state)
 
 
 def test_evaluation_results_must_be_of_these_weights():
