@@ -6,9 +6,14 @@ synthetic SSL4EO-S12 v1.1 Zarr archive (`pipeline.synthetic.make_ssl4eo_zarr`, t
 Then measures, each for ``--seconds``:
 
 - the source read straight, in one process: the Zarr archive's samples (S1 + S2 cubes
-  through xarray, as preprocessing reads them), and the shards' raw tar + ``np.load``;
-- `launch.data.loader.ShardLoader` with ``--workers`` processes, from the local folder and
-  from S3 (a moto server subprocess on loopback, reached through AWS_ENDPOINT_URL);
+  through xarray, as preprocessing reads them);
+- two decode floors of the shards, in one process: the plain one (``tarfile`` members read
+  and ``np.load``-ed, as a user would write it) and the strict one (each array member read
+  with one ``readinto`` into a reused buffer and viewed with ``np.frombuffer``: one copy
+  from the page cache, nothing else);
+- `launch.data.loader.ShardLoader` in-process and with each ``--workers`` count, from the
+  local folder, and from S3 (a moto server subprocess on loopback, reached through
+  AWS_ENDPOINT_URL) with the largest count;
 - a Fus-MAE training step (DeviceAugment + forward + backward + AdamW) on a loader batch,
 
 and prints a Markdown table with the ratio of loader supply to training consumption.
@@ -20,8 +25,10 @@ and prints a Markdown table with the ratio of loader supply to training consumpt
 from __future__ import annotations
 
 import argparse
+import io
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +46,7 @@ from launch.data.augment import DeviceAugment  # noqa: E402
 from launch.data.loader import LoaderSettings, ShardLoader  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from model import FusMAE, FusMAEConfig  # noqa: E402
-from pipeline.shards import decode_npy, iter_tar_samples  # noqa: E402
+from pipeline.shards import npy_view, walk_members  # noqa: E402
 
 MB = 1 << 20
 
@@ -101,15 +108,30 @@ def zarr_samples(archive: Path) -> Iterator[int]:
                 yield 1
 
 
-def tar_samples(manifest_url: str) -> Iterator[int]:
-    """Every sample of the shard set: tar members and np.load of both arrays, one process."""
+def plain_floor(manifest_url: str) -> Iterator[int]:
+    """Every sample of the shard set as a user would read it: tarfile members, ``np.load`` of both arrays."""
+    folder = Path(manifest_url).parent
+    for shard in load_manifest(manifest_url).shards:
+        with tarfile.open(folder / shard.name) as tar:
+            for member in tar:
+                if member.name.endswith(".npy"):
+                    np.load(io.BytesIO(tar.extractfile(member).read()))
+                    if member.name.endswith(".s2.npy"):
+                        yield 1
+
+
+def strict_floor(manifest_url: str, view: memoryview) -> Iterator[int]:
+    """Every sample with the least work: one ``readinto`` per array member into a reused buffer, then a view."""
     folder = Path(manifest_url).parent
     for shard in load_manifest(manifest_url).shards:
         with open(folder / shard.name, "rb") as f:
-            for sample in iter_tar_samples(f):
-                decode_npy(sample["s1.npy"])
-                decode_npy(sample["s2.npy"])
-                yield 1
+            for m in walk_members(f):
+                if m.ext.endswith("npy"):
+                    f.seek(m.offset_data)
+                    f.readinto(view[:m.size])
+                    npy_view(view[:m.size])
+                    if m.ext == "s2.npy":
+                        yield 1
 
 
 def loader_samples(loader: ShardLoader) -> Iterator[int]:
@@ -175,10 +197,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=["synthetic", "factory"], default="synthetic")
     parser.add_argument("--samples", type=int, default=64, help="samples in the shard set (synthetic: 4 per location)")
-    parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="loader workers per rank, one local row each (0: in the calling process)")
     parser.add_argument("--mb", type=int, default=8, help="micro batch size")
     parser.add_argument("--shuffle-buffer", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per row")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per row and repetition")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over the floors and local loader rows")
     parser.add_argument("--model", default="tiny", choices=["tiny", "vit_s", "vit_b"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -201,44 +225,65 @@ def main() -> None:
         if archive is not None:
             rows["source: Zarr archive (xarray), 1 process"] = {**timed(forever(lambda: zarr_samples(archive)),
                                                                         args.seconds), "workers": 1}
-        rows["source: shard tar + np.load, 1 process"] = {**timed(forever(lambda: tar_samples(manifest_url)),
-                                                                  args.seconds), "workers": 1}
-        settings = LoaderSettings(num_workers=args.workers, shuffle_buffer=args.shuffle_buffer)
+        # The floors and the local loader rows, measured in turn ``--repeat`` times (this VM's memory speed drifts
+        # between minutes): each row's figure is its median, so the ratios compare neighbours in time.
+        local: dict[str, list[dict[str, Any]]] = {}
+        buffer = memoryview(bytearray(2 * max(s.bytes for s in manifest.shards)))  # touched once, reused
         kw = dict(micro_batch_size=args.mb, seed=0)
-        loader = ShardLoader(manifest, settings, **kw)
-        rows[f"ShardLoader, local shards, {args.workers} workers"] = {
-            **timed(loader_samples(loader), args.seconds, warmup=2 * max(1, args.workers)), "workers": args.workers}
+        for _ in range(args.repeat):
+            local.setdefault("floor, plain: tarfile + np.load, 1 process", []).append(
+                {**timed(forever(lambda: plain_floor(manifest_url)), args.seconds), "workers": 1, "floor": "plain"})
+            local.setdefault("floor, strict: readinto a reused buffer + np.frombuffer, 1 process", []).append(
+                {**timed(forever(lambda: strict_floor(manifest_url, buffer)), args.seconds), "workers": 1,
+                 "floor": "strict"})
+            for workers in args.workers:
+                settings = LoaderSettings(num_workers=workers, shuffle_buffer=args.shuffle_buffer)
+                loader = ShardLoader(manifest, settings, **kw)
+                where = "in-process" if workers == 0 else f"{workers} worker{'s' * (workers > 1)}"
+                local.setdefault(f"ShardLoader, local shards, {where}", []).append(
+                    {**timed(loader_samples(loader), args.seconds, warmup=2 * max(1, workers)), "workers": workers,
+                     "local": True})
+                del loader
+        for name, runs in local.items():
+            rates = sorted(r["samples_per_s"] for r in runs)
+            rows[name] = {**runs[0], "samples_per_s": float(np.median(rates)), "runs": rates}
         if not args.no_s3:
+            workers = max(args.workers)
+            settings = LoaderSettings(num_workers=workers, shuffle_buffer=args.shuffle_buffer)
             with MotoS3() as s3:
                 s3_url = s3.upload(Path(manifest_url).parent)
                 loader = ShardLoader(load_manifest(s3_url), settings, **kw)
-                rows[f"ShardLoader, S3 (moto on loopback), {args.workers} workers"] = {
-                    **timed(loader_samples(loader), args.seconds, warmup=2 * max(1, args.workers)),
-                    "workers": args.workers}
+                rows[f"ShardLoader, S3 (moto on loopback), {workers} workers"] = {
+                    **timed(loader_samples(loader), args.seconds, warmup=2 * max(1, workers)), "workers": workers}
                 del loader
         train = train_step_rate(manifest_url, args)
 
+    floors = {row["floor"]: row["samples_per_s"] for row in rows.values() if "floor" in row}
     for row in rows.values():
         row["per_worker"] = row["samples_per_s"] / max(1, row["workers"])
         row["MB_per_s"] = row["samples_per_s"] * sample_mb
         row["x_train_step"] = row["samples_per_s"] / train["samples_per_s"]
+        row["over_plain_floor"] = row["per_worker"] / floors["plain"]
+        row["over_strict_floor"] = row["per_worker"] / floors["strict"]
     setup = {"source": args.source, "samples": manifest.num_samples, "shards": len(manifest.shards),
-             "sample_MB": round(sample_mb, 2), "image": list(manifest.image_size),
+             "sample_MB": round(sample_mb, 2), "image": list(manifest.image_size), "repeat": args.repeat,
              "dtypes": [str(manifest.dtype("s1")), str(manifest.dtype("s2"))], "micro_batch": args.mb,
              "shuffle_buffer": args.shuffle_buffer, "seconds_per_row": args.seconds, "build_s": round(build_s, 1)}
     hw = hardware(torch.device(args.device))
 
     print_header("Training loader throughput", setup, hw)
-    print("| path | samples/s | per worker | MB/s | x training step |")
-    print("|---|---:|---:|---:|---:|")
+    print("| path | samples/s | per worker | MB/s | per worker / plain floor | per worker / strict floor "
+          "| x training step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['samples_per_s']:.1f} | {r['per_worker']:.1f} | {r['MB_per_s']:.0f} | "
-              f"{r['x_train_step']:.1f} |")
+              f"{r['over_plain_floor']:.2f} | {r['over_strict_floor']:.2f} | {r['x_train_step']:.1f} |")
     print(f"| training step: FusMAE {args.model}, {args.image_size} px, batch {args.mb}, {args.device} "
-          f"(DeviceAugment + fwd + bwd + AdamW) | {train['samples_per_s']:.1f} | | | 1.0 |")
-    print("\n'x training step': samples/s supplied per sample/s the training step consumes on this machine "
-          "(> 1: the loader keeps up). Loader rows include the main process taking batches; "
-          "on few cores, workers, main process and moto share the CPUs.")
+          f"(DeviceAugment + fwd + bwd + AdamW) | {train['samples_per_s']:.1f} | | | | | 1.0 |")
+    print(f"\nPer worker: samples/s over the row's worker processes (in-process: the one process). The loader rows "
+          f"include the main process taking the batches, which on this machine's {hw.get('usable_cores', '?')} "
+          "cores shares them with the workers (and moto). 'x training step': samples/s supplied per sample/s the "
+          "training step consumes here (> 1: the loader keeps up).")
     write_json(args.json, {"setup": setup, "hardware": hw, "rows": rows, "train_step": train}, indent=1)
 
 

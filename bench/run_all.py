@@ -53,8 +53,11 @@ def _attention(r: dict[str, Any]) -> list[Headline]:
 
 
 def _loader(r: dict[str, Any]) -> list[Headline]:
-    return [(f"{name} / training step (samples/s)", f"{row['x_train_step']:.1f}x")
-            for name, row in r["rows"].items() if name.startswith("ShardLoader")]
+    out = [(f"{name}: per worker / plain tarfile + np.load floor (strict floor)",
+            f"{row['over_plain_floor']:.2f} ({row['over_strict_floor']:.2f})")
+           for name, row in r["rows"].items() if row.get("local")]
+    return out + [(f"{name} / training step (samples/s)", f"{row['x_train_step']:.1f}x")
+                  for name, row in r["rows"].items() if name.startswith("ShardLoader")]
 
 
 def _preprocess(r: dict[str, Any]) -> list[Headline]:
@@ -122,7 +125,8 @@ class Bench:
 BENCHES: dict[str, Bench] = {
     "attention": Bench("bench_attention.py", _attention, quick=["--steps", "5", "--warmup", "1"],
                        gpu=["--device", "cuda", "--dtype", "bf16", "--size", "vit_s"]),
-    "loader": Bench("bench_loader.py", _loader, quick=["--samples", "16", "--seconds", "2"],
+    "loader": Bench("bench_loader.py", _loader,
+                    quick=["--samples", "16", "--seconds", "2", "--workers", "0", "1", "--repeat", "1"],
                     gpu=["--device", "cuda", "--model", "vit_s"]),
     "preprocess": Bench("bench_preprocess.py", _preprocess, quick=["--samples", "64"]),
     "planning": Bench("bench_planning.py", _planning, quick=["--files", "40", "--workers", "1"]),

@@ -25,7 +25,7 @@ import math
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Container, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Container, Iterator, Optional
 
 import numpy as np
 
@@ -63,11 +63,12 @@ def decode_npy(data: bytes) -> np.ndarray:
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
 
 
-def npy_view(data: bytes) -> np.ndarray:
-    """The array of .npy bytes as a read-only view (``np.frombuffer``, no copy); headers parsed once per kind.
+def npy_layout(data: Any) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran order, payload offset) from the start of .npy bytes (the header alone will do).
 
-    Raises ShardFormatError for anything that is not a plain (non-object) .npy payload of the full length."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+    Headers are parsed once per kind. Raises ShardFormatError for anything that is not a plain
+    (non-object) .npy header."""
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
         raise ShardFormatError("not an .npy payload (bad magic)")
     if data[6] == 1:
         start, hlen = 10, int.from_bytes(data[8:10], "little")
@@ -76,6 +77,8 @@ def npy_view(data: bytes) -> np.ndarray:
     else:
         raise ShardFormatError(f"unsupported .npy version {data[6]}")
     header = bytes(data[start:start + hlen])
+    if len(header) != hlen:
+        raise ShardFormatError(f".npy header truncated ({len(header)} of {hlen} bytes)")
     parsed = _NPY_HEADERS.get(header)
     if parsed is None:
         try:
@@ -88,9 +91,15 @@ def npy_view(data: bytes) -> np.ndarray:
             raise ShardFormatError("object arrays are not allowed")
         if len(_NPY_HEADERS) < 64:
             _NPY_HEADERS[header] = parsed
-    dtype, shape, fortran = parsed
+    return (*parsed, start + hlen)
+
+
+def npy_view(data: Any) -> np.ndarray:
+    """The array of .npy bytes (or a memoryview of them) as a view (``np.frombuffer``, no copy).
+
+    Raises ShardFormatError for anything that is not a plain (non-object) .npy payload of the full length."""
+    dtype, shape, fortran, offset = npy_layout(data)
     count = math.prod(shape)
-    offset = start + hlen
     if len(data) - offset < count * dtype.itemsize:
         raise ShardFormatError(f".npy payload truncated: {len(data) - offset} bytes for shape {shape} {dtype}")
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
@@ -224,32 +233,132 @@ class Member:
     size: int
 
 
+BLOCK = 512
+_REGULAR = frozenset(b"07\x00")
+"""Type flags of regular files (tarfile's REGULAR_TYPES but GNU sparse files, which no shard writer makes)."""
+_NO_DATA = frozenset(b"123456")
+"""Links, devices, directories, FIFOs: headers whose size field does not announce data blocks (as tarfile reads them)."""
+
+
 def walk_members(f: BinaryIO) -> Iterator[Member]:
-    """The file members of a seekable shard stream from its current position, headers only.
+    """The file members of a seekable tar stream from its current position, headers only.
 
-    No member data is read: a caller seeks to ``offset_data`` for what it wants, so a
-    walk over samples it does not need costs their headers (512 bytes each) only.
+    No member data is read: a caller seeks to ``offset_data`` for what it wants (and may move
+    the stream between members), so a walk over samples it does not need costs their headers
+    (512 bytes each) only. ustar, GNU (long names) and pax (``path``/``size`` records) headers
+    are parsed here, several times faster than ``tarfile.TarFile.next`` per member, with
+    tarfile's rules: a stream that is not a tar raises ``tarfile.ReadError``; the end-of-archive
+    block, the end of the file, or a header that is cut short or fails its checksum after the
+    first ends the walk silently (callers compare what they found with what they expected).
+    A member's ``offset`` is that of its first header (an extended header when it has one).
     """
-    tar = tarfile.open(fileobj=f, mode="r:")  # starts at f.tell(); reads the first header
-    while (info := tar.next()) is not None:
-        tar.members.clear()  # tarfile keeps every header it saw; a stream may pass 100k
-        if not info.isfile():
+    pos = first = f.tell()
+    start = pos
+    long_name: Optional[str] = None
+    pax: dict[str, str] = {}
+    while True:
+        if f.tell() != pos:
+            f.seek(pos)
+        block = f.read(BLOCK)
+        header = _parse_header(block) if len(block) == BLOCK else None
+        if header is None:
+            if pos == first and block.strip(b"\0"):
+                raise tarfile.ReadError(f"not a tar: no valid header at byte {pos}")
+            if not block and pos > first:  # the last member's data runs past the end: tarfile says so too
+                f.seek(pos - 1)
+                if not f.read(1):
+                    raise tarfile.ReadError("unexpected end of data")
+            if long_name is not None or pax:
+                raise tarfile.ReadError(f"no member header after the extended header before byte {pos}")
+            return
+        name, size, kind = header
+        data = pos + BLOCK
+        if kind in b"xgLK":  # extended headers: their data describes the next member (g, K: nothing we use)
+            f.seek(data)
+            payload = f.read(size)
+            if len(payload) != size:
+                return
+            if kind == ord("L"):
+                long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == ord("x"):
+                pax.update(_pax_records(payload))
+            pos = data + _padded(size)
             continue
-        key, _, ext = info.name.partition(".")
-        yield Member(key, ext, info.offset, info.offset_data, info.size)
+        if kind in _REGULAR:
+            name = pax.get("path", long_name or name)
+            size = int(pax["size"]) if "size" in pax else size
+            key, _, ext = name.rpartition("/")[2].partition(".")
+            if "/" in name:  # keys keep their folders, as tarfile's names and webdataset's keys do
+                key = f"{name.rpartition('/')[0]}/{key}"
+            yield Member(key, ext, start, data, size)
+        elif kind == ord("S"):
+            raise ShardFormatError(f"GNU sparse member {name!r} at byte {start}: not a shard format")
+        pos = data if kind in _NO_DATA else data + _padded(size)
+        start, long_name, pax = pos, None, {}
 
 
-def iter_samples(f: BinaryIO, read: Optional[Container[str]] = None) -> Iterator[tuple[str, int, dict[str, Optional[bytes]]]]:
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _parse_header(block: bytes) -> Optional[tuple[str, int, int]]:
+    """(name, size, type flag) of a 512-byte tar header; None for a zero block or one that fails its checksum."""
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return None
+    chk = block[148:156]
+    unsigned = sum(block) - sum(chk) + 8 * 32  # the checksum field counts as spaces
+    if stored != unsigned:  # tarfile also accepts the signed-char sum some old writers made
+        high = sum(1 for b in block if b > 127) - sum(1 for b in chk if b > 127)
+        if stored != unsigned - 256 * high:
+            return None
+    raw = block[124:136]
+    if raw[0] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
+        size = int.from_bytes(raw[1:], "big") - (1 << 88 if raw[0] == 0xFF else 0)
+    else:
+        try:
+            size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:265] == b"ustar\x0000" and block[345]:  # POSIX ustar: a prefix folder for long names
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), size, block[156]
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """The ``path`` and ``size`` records of a pax extended header (``"<len> <key>=<value>\\n"`` records)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(payload) and payload[pos] != 0:
+        length = int(payload[pos:payload.index(b" ", pos)])
+        record = payload[payload.index(b" ", pos) + 1:pos + length - 1]
+        key, _, value = record.partition(b"=")
+        if key in (b"path", b"size"):
+            out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def iter_samples(f: BinaryIO, read: Optional[Container[str]] = None,
+                 into: Optional[Callable[[str, int], Optional[memoryview]]] = None,
+                 locate: Container[str] = (),
+                 ) -> Iterator[tuple[str, int, dict[str, Optional[Any]]]]:
     """Samples ``(key, offset, members)`` of a seekable shard stream from its current position.
 
     Consecutive members sharing a key form a sample; ``offset`` is its first header's byte
     offset (where a later read of that sample starts). ``members`` maps each extension to its
     bytes, or to None when ``read`` (a set of extensions; None: all) does not ask for it.
-    Raises ShardFormatError for a truncated member and tarfile.TarError for a broken header.
+    ``into(ext, size)`` may give a writable buffer of at least ``size`` bytes for a member: its
+    bytes are then read straight into it (``readinto``, no new allocation) and ``members``
+    holds the filled ``memoryview`` slice instead of bytes. Members whose extension is in
+    ``locate`` are not read: ``members`` holds their `Member` (where the bytes are).
+    Raises ShardFormatError for a truncated member and tarfile.ReadError for a stream that is not a tar.
     """
     key: Optional[str] = None
     start = 0
-    members: dict[str, Optional[bytes]] = {}
+    members: dict[str, Optional[Any]] = {}
     for m in walk_members(f):
         if m.key != key:
             if key is not None:
@@ -258,10 +367,21 @@ def iter_samples(f: BinaryIO, read: Optional[Container[str]] = None) -> Iterator
         if read is not None and m.ext not in read:
             members[m.ext] = None
             continue
+        if m.ext in locate:
+            members[m.ext] = m
+            continue
         f.seek(m.offset_data)
-        data = f.read(m.size)
-        if len(data) != m.size:
-            raise ShardFormatError(f"member {m.key}.{m.ext} truncated ({len(data)} of {m.size} bytes)")
+        target = into(m.ext, m.size) if into is not None else None
+        if target is not None:
+            view = target[:m.size]
+            got = f.readinto(view)
+            data: Any = view
+            n = got or 0
+        else:
+            data = f.read(m.size)
+            n = len(data)
+        if n != m.size:
+            raise ShardFormatError(f"member {m.key}.{m.ext} truncated ({n} of {m.size} bytes)")
         members[m.ext] = data
     if key is not None:
         yield key, start, members

@@ -44,7 +44,9 @@ class DataConfig:
     num_workers: int = 2
     """Loader worker processes per rank."""
     shuffle_buffer: int = 256
-    """Samples held in each worker's shuffle buffer (memory: about 2 MB each at 264 px)."""
+    """Samples in each worker's shuffle block. From local shards (a path, file://, or ``cache_dir`` once a shard is
+    cached) the block holds positions only and the arrays are read straight into the batch; from object storage
+    it holds the samples' bytes (about 2 MB each at 264 px)."""
     crop_scale_min: float = 0.35
     """Smallest area fraction of the random resized crop (upper bound 1.0)."""
     hflip: bool = True

@@ -36,11 +36,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from launch.data import plan
+from launch.data.buffers import ReleaseTracker
 from launch.data.reader import DEFAULT_BLOCK_SIZE, ReadSpec, Selection
 from launch.data.streams import LoaderError, PassStream, StreamSpec, TrainStream, _Stream
 from pipeline.manifest import Manifest
 
 log = logging.getLogger("launch.data.loader")
+
+BATCH_SLOTS = 8
+"""Batches per worker whose shared memory is reused (`launch.data.buffers`): those in flight
+(``prefetch_factor``), the one the trainer holds, and room for a few it keeps longer."""
 
 @dataclass(frozen=True)
 class LoaderSettings:
@@ -127,6 +132,7 @@ class _RankLoader:
         self.pin_memory = torch.cuda.is_available() if settings.pin_memory is None else settings.pin_memory
         self.multiprocessing_context = settings.multiprocessing_context or default_multiprocessing_context()
         self._skipped: dict[int, tuple[int, int]] = {}
+        self._tracker: Optional[ReleaseTracker] = None
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -136,7 +142,11 @@ class _RankLoader:
 
     def _dataloader(self, dataset: _Stream, persistent: bool) -> DataLoader:
         if self.num_workers == 0:
+            self._tracker = None
             return DataLoader(dataset, batch_size=None, collate_fn=_keep, pin_memory=self.pin_memory)
+        # The workers' batch pools reuse a batch's shared memory once this process no longer references it.
+        self._tracker = ReleaseTracker(self.num_workers, BATCH_SLOTS, resend=self.pin_memory)
+        dataset.released, dataset.resend = self._tracker.released, self.pin_memory
         ctx = multiprocessing.get_context(self.multiprocessing_context)
         if self.multiprocessing_context == "forkserver":
             # The server imports the main module and the loader once; each worker then forks from
@@ -150,6 +160,9 @@ class _RankLoader:
         )
 
     def _receive(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self._tracker is not None:
+            self._tracker.receive(batch)
+        batch.pop("buffer", None)
         for msg in batch.pop("warnings", ()):
             log.warning("loader worker %d: %s", batch["worker"], msg)
         self._skipped[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])

@@ -17,23 +17,27 @@ the shard is given up the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import tarfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 from torch.utils.data import get_worker_info
 
 from pipeline.manifest import ShardInfo
-from pipeline.shards import MEMBERS, ShardFormatError, iter_samples, npy_view
-from pipeline.storage import StorageUnavailable, is_transient, redact_url, retry_window_s, retrying, url_to_fs
+from launch.data.buffers import NPY_HEADER_ROOM, SampleArena
+from pipeline.shards import MEMBERS, Member, ShardFormatError, iter_samples, npy_layout, npy_view
+from pipeline.storage import (StorageUnavailable, is_local, is_transient, redact_url, retry_window_s, retrying,
+                              url_to_fs)
 
 try:  # POSIX file locks keep two workers of one node from downloading the same shard twice
     import fcntl
@@ -59,12 +63,30 @@ CONTENT_ERRORS = (ShardError, ShardFormatError, tarfile.TarError, ValueError, Ke
                   PermissionError, StopIteration)
 
 
+class ArrayAt(NamedTuple):
+    """An array not read yet: ``dtype`` and ``shape`` C-order payload bytes at ``offset`` of the local file ``path``."""
+
+    path: str
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+ARRAYS = frozenset({"s1.npy", "s2.npy"})
+LOCAL_HEADER_BUFFER = 8 << 10
+"""Read-ahead of a local shard's header walk: a tar header and the .npy header right after it; the arrays'
+bytes are read later, straight into the batch."""
+OPEN_FILES = 32
+"""Local shards a reader keeps open for the reads of its shuffle buffer."""
+
+
 class RawSample(NamedTuple):
     key: str
-    s1: Optional[np.ndarray]
-    """(2, H, W) view on the member bytes; None in a metadata-only pass."""
-    s2: Optional[np.ndarray]
-    """(C, H, W) view on the member bytes; None in a metadata-only pass."""
+    s1: Optional[Union[np.ndarray, ArrayAt]]
+    """(2, H, W): where it lies in a local file, or a view on the member bytes in the reader's arena (valid until
+    ``keep`` more samples were read); None in a metadata-only pass. `ShardReader.copy_into` takes either."""
+    s2: Optional[Union[np.ndarray, ArrayAt]]
+    """(C, H, W), as ``s1``."""
     meta: Optional[dict[str, Any]]
     shard: str
     """Name of the shard it came from."""
@@ -123,12 +145,24 @@ class ReadSpec:
     def members_to_read(self) -> set[str]:
         return ({"s1.npy", "s2.npy"} if self.images else set()) | ({"json"} if self.with_meta else set())
 
+    def array_bytes(self) -> dict[str, int]:
+        """Bytes of each array member's payload the manifest promises (without the .npy header)."""
+        return {f"{name}.npy": int(np.prod(shape)) * np.dtype(dtype).itemsize
+                for name, shape, dtype in (("s1", self.s1_shape, self.s1_dtype), ("s2", self.s2_shape, self.s2_dtype))}
+
 
 class ShardReader:
-    """Reads slot ranges of shards for one stream (see the module docstring)."""
+    """Reads slot ranges of shards for one stream (see the module docstring).
 
-    def __init__(self, spec: ReadSpec):
+    A sample's arrays are views on a `SampleArena`: they stay valid until ``keep`` more
+    samples were read (the stream's shuffle buffer; 1 for a stream that copies each sample
+    into its batch at once)."""
+
+    def __init__(self, spec: ReadSpec, keep: int = 1):
         self.spec = spec
+        self.arena = SampleArena(keep, spec.array_bytes())
+        self._fds: dict[str, int] = {}
+        self._scratches: dict[str, np.ndarray] = {}
         self.counts = spec.counts()
         self.read = spec.members_to_read()
         self.skipped_shards = 0
@@ -193,6 +227,7 @@ class ShardReader:
                     self.warn(f"reading {redact_url(shard.url)} again after {time.monotonic() - outage:.0f} s")
                     outage, attempts = None, 0
                 done += 1
+                self.arena.advance()  # the next sample goes to the next slot; a retried one rewrote its own
                 yield raw
         finally:
             samples.close()
@@ -228,32 +263,44 @@ class ShardReader:
         return url_to_fs(shard.url, self.spec.storage_options)
 
     def _samples(self, index: int, first: int, count: int) -> Iterator[RawSample]:
-        """Decode slots [first, first + count) of shard ``index``; raises on any deviation from the format."""
+        """Decode slots [first, first + count) of shard ``index``; raises on any deviation from the format.
+
+        On a local file (a path, file://, or the node cache) the arrays are only located here, their
+        .npy headers checked, and their bytes read later straight into the batch (`copy_into`):
+        one copy from the page cache, and a shuffle buffer that holds positions, not bytes. Elsewhere
+        they are read here, into the reader's arena."""
         shard = self.spec.shards[index]
         fs, path = self._location(shard)
-        if self.spec.offsets is not None:
-            yield from self._selected(shard, fs, path, self.spec.offsets[index][first:first + count])
-            return
-        offset = self._sample_offset(fs, path, first) if first else 0
-        block = self.spec.block_size if self.spec.images else HEADER_BLOCK_SIZE
-        with retrying(fs.open)(path, "rb", block_size=block) as f:
-            f.seek(offset)
+        local = is_local(fs) and self.spec.images
+        selected = self.spec.offsets[index][first:first + count] if self.spec.offsets is not None else None
+        if local:
+            block = LOCAL_HEADER_BUFFER
+        elif selected is not None:
+            block = SPARSE_BLOCK_SIZE
+        else:
+            block = self.spec.block_size if self.spec.images else HEADER_BLOCK_SIZE
+        opened = open(path, "rb", buffering=block) if local else retrying(fs.open)(path, "rb", block_size=block)
+        with opened as f:
+            end = os.fstat(f.fileno()).st_size if local else shard.bytes
+            walk = functools.partial(iter_samples, f, self.read, into=None if local else self.arena.region,
+                                     locate=ARRAYS if local else ())
+            if selected is not None:
+                for offset in selected:
+                    f.seek(offset)
+                    found = next(walk(), None)
+                    if found is None or found[1] != offset:
+                        raise ShardError(f"no sample at byte {offset}: the selection does not fit this shard")
+                    yield self._decode(shard, path, f, end, *found)
+                return
+            if first:
+                f.seek(self._sample_offset(fs, path, first))
             n = 0
-            for key, start, members in iter_samples(f, self.read):
-                yield self._decode(shard, key, start, members)
+            for key, start, members in walk():
+                yield self._decode(shard, path, f, end, key, start, members)
                 n += 1
                 if n == count:
                     return
         raise ShardError(f"ended after {first + n} samples; the manifest lists {shard.samples}")
-
-    def _selected(self, shard: ShardInfo, fs: Any, path: str, offsets: tuple[int, ...]) -> Iterator[RawSample]:
-        with retrying(fs.open)(path, "rb", block_size=SPARSE_BLOCK_SIZE) as f:
-            for offset in offsets:
-                f.seek(offset)
-                found = next(iter_samples(f, self.read), None)
-                if found is None or found[1] != offset:
-                    raise ShardError(f"no sample at byte {offset}: the selection does not fit this shard")
-                yield self._decode(shard, *found)
 
     def _sample_offset(self, fs: Any, path: str, index: int) -> int:
         """Byte offset of sample ``index``'s first tar header, walking headers with a small read-ahead."""
@@ -265,22 +312,88 @@ class ShardReader:
                 seen += 1
         raise ShardError(f"has {seen} samples; the manifest lists {index + 1} or more")
 
-    def _decode(self, shard: ShardInfo, key: str, offset: int, members: dict[str, Optional[bytes]]) -> RawSample:
+    def _decode(self, shard: ShardInfo, path: str, f: Any, end: int, key: str, offset: int,
+                members: dict[str, Any]) -> RawSample:
         missing = [m for m in MEMBERS if m not in members]
         if missing:
             raise ShardError(f"sample {key}: missing member(s) {missing}")
         spec = self.spec
-        s1 = s2 = None
+        arrays: dict[str, Any] = {"s1": None, "s2": None}
         if spec.images:
-            s1 = npy_view(members["s1.npy"])  # type: ignore[arg-type]
-            s2 = npy_view(members["s2.npy"])  # type: ignore[arg-type]
-            for name, arr, shape, dtype in (("s1", s1, spec.s1_shape, spec.s1_dtype),
-                                            ("s2", s2, spec.s2_shape, spec.s2_dtype)):
+            for name, shape, dtype in (("s1", spec.s1_shape, spec.s1_dtype), ("s2", spec.s2_shape, spec.s2_dtype)):
+                data = members[f"{name}.npy"]
+                arr = arrays[name] = self._locate(path, f, end, data, key) if isinstance(data, Member) else npy_view(data)
                 if arr.shape != shape or arr.dtype != np.dtype(dtype):
                     raise ShardError(f"sample {key}: {name} is {arr.shape} {arr.dtype}, the manifest says "
                                      f"{shape} {dtype}")
-        meta = json.loads(members["json"]) if spec.with_meta else None  # type: ignore[arg-type]
-        return RawSample(key, s1, s2, meta, shard.name, offset)
+        meta = json.loads(members["json"]) if spec.with_meta else None
+        return RawSample(key, arrays["s1"], arrays["s2"], meta, shard.name, offset)
+
+    def _locate(self, path: str, f: Any, end: int, m: Member, key: str) -> Union["ArrayAt", np.ndarray]:
+        """Where the array of member ``m`` lies in the local file, from its .npy header; or the array itself
+        (read into the arena) when it is not a plain C-order payload that a batch row can take as bytes."""
+        if m.offset_data + m.size > end:
+            raise ShardFormatError(f"member {key}.{m.ext} truncated ({max(0, end - m.offset_data)} of {m.size} bytes)")
+        f.seek(m.offset_data)
+        dtype, shape, fortran, skip = npy_layout(f.read(min(m.size, NPY_HEADER_ROOM)))
+        nbytes = math.prod(shape) * dtype.itemsize
+        if m.size - skip < nbytes:
+            raise ShardFormatError(f".npy payload truncated: {m.size - skip} bytes for shape {shape} {dtype}")
+        if not fortran:
+            return ArrayAt(path, m.offset_data + skip, dtype, shape)
+        region = self.arena.region(m.ext, m.size)
+        f.seek(m.offset_data)
+        data = f.read(m.size) if region is None else region[:f.readinto(region[:m.size])]
+        return npy_view(data)
+
+    def copy_into(self, raw: RawSample, rows: dict[str, np.ndarray]) -> bool:
+        """Copy ``raw``'s arrays into the batch rows ``rows['s1']``, ``rows['s2']`` (numpy views, the batch's dtypes).
+
+        Arrays located in a local file are read straight into the row (``preadv``; through a scratch
+        buffer when the batch holds another dtype, e.g. uint16 as int32). A read that comes back short
+        (the file changed since it was checked) loses the sample: counted, warned, False."""
+        for name in ("s1", "s2"):
+            src, dst = getattr(raw, name), rows[name]
+            if not isinstance(src, ArrayAt):
+                dst[...] = src
+                continue
+            direct = dst.dtype == src.dtype and dst.flags.c_contiguous
+            target = dst if direct else self._scratch(name, src)
+            try:
+                got = os.preadv(self._fd(src.path), [memoryview(target).cast("B")], src.offset)
+            except OSError as err:
+                got, reason = -1, f"{type(err).__name__}: {err}"
+            else:
+                reason = f"{got} of {target.nbytes} bytes"
+            if got != target.nbytes:
+                self.skipped_samples += 1
+                self.warn(f"lost sample {raw.key} of {raw.shard} (rank {self.spec.rank}): reading its {name} "
+                          f"array gave {reason}; the file changed after it was checked")
+                return False
+            if not direct:
+                dst[...] = target
+        return True
+
+    def _scratch(self, name: str, at: "ArrayAt") -> np.ndarray:
+        buf = self._scratches.get(name)
+        if buf is None or buf.dtype != at.dtype or buf.shape != at.shape:
+            buf = self._scratches[name] = np.empty(at.shape, at.dtype)
+        return buf
+
+    def _fd(self, path: str) -> int:
+        """An open descriptor of a local shard, kept for the next reads (the shuffle buffer spans a few shards)."""
+        fd = self._fds.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            while len(self._fds) >= OPEN_FILES:
+                os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[path] = fd  # most recently used last
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     # -- the local cache ------------------------------------------------------------------------
 

@@ -9,9 +9,8 @@ slots a stream holds.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from launch.data import plan
 from launch.data.augment import draw_crops, full_boxes
+from launch.data.buffers import BatchPool
 from launch.data.reader import RawSample, ReadSpec, ShardReader
 
 log = logging.getLogger("launch.data.streams")
@@ -75,6 +75,10 @@ class _Stream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
+        self.released: Optional[torch.Tensor] = None
+        """Set by the loader before its workers start: the `ReleaseTracker` array their batch pools read."""
+        self.resend = True
+        """Send the arrays with every batch (pinned batches; in-process); the loader clears it for its workers."""
 
     def _worker(self) -> int:
         """The stream this process plays: DataLoader worker j takes rank batches start + j, start + j + K, ..."""
@@ -87,33 +91,65 @@ class _Stream(IterableDataset):
             raise LoaderError(f"DataLoader has {info.num_workers} workers, the stream plan {self.spec.num_workers}")
         return (self.spec.start_batch + info.id) % self.spec.num_workers
 
-    def _batch(self, reader: ShardReader, k: int, index: int, items: list[tuple[int, RawSample]],
-               crop: np.ndarray, flip: np.ndarray) -> dict[str, Any]:
+    def _pool(self) -> BatchPool:
         spec = self.spec.read
+        shapes = {"s1": spec.s1_shape, "s2": spec.s2_shape} if spec.images else {}
+        dtypes = {"s1": _TORCH_DTYPE[np.dtype(spec.s1_dtype)], "s2": _TORCH_DTYPE[np.dtype(spec.s2_dtype)]}
+        return BatchPool(shapes, dtypes, self.spec.micro_batch_size, released=self.released)
+
+    def _fill(self, reader: ShardReader, pool: BatchPool,
+              items: Iterator[tuple[int, RawSample]]) -> Optional["_Filling"]:
+        """Copy up to a micro batch of ``items`` into arrays from ``pool``, each sample as it arrives (its bytes in
+        the reader's arena are written again later); None when ``items`` ended first."""
+        spec = self.spec.read
+        out: Optional[_Filling] = None
+        for epoch, raw in items:
+            if out is None:
+                arrays, tag, new = pool.take(self.spec.micro_batch_size) if spec.images else ({}, None, True)
+                out = _Filling(epoch, arrays, tag, new, {k: a.numpy() for k, a in arrays.items()})
+            # the one copy: a local file's bytes (or the arena's) → the batch (in shared memory in workers)
+            if spec.images and not reader.copy_into(raw, {k: a[len(out.raws)] for k, a in out.rows.items()}):
+                continue
+            out.raws.append(raw._replace(s1=None, s2=None))
+            if len(out.raws) == self.spec.micro_batch_size:
+                break
+        return out
+
+    def _batch(self, reader: ShardReader, k: int, index: int, out: "_Filling", crop: np.ndarray,
+               flip: np.ndarray) -> dict[str, Any]:
+        n = len(out.raws)
         batch: dict[str, Any] = {
-            "keys": [raw.key for _, raw in items],
+            "keys": [raw.key for raw in out.raws],
             "crop": torch.from_numpy(crop),
             "flip": torch.from_numpy(flip),
-            "epoch": items[0][0],
+            "epoch": out.epoch,
             "worker": k,
             "batch_index": index,
             "skipped_shards": reader.skipped_shards,
             "skipped_samples": reader.skipped_samples,
             "warnings": reader.pending_warnings,
+            "buffer": None if out.tag is None else (*out.tag, n),
         }
         reader.pending_warnings = []
-        if spec.images:
-            n = len(items)
-            s1 = _new_tensor((n, *spec.s1_shape), _TORCH_DTYPE[np.dtype(spec.s1_dtype)])
-            s2 = _new_tensor((n, *spec.s2_shape), _TORCH_DTYPE[np.dtype(spec.s2_dtype)])
-            s1_np, s2_np = s1.numpy(), s2.numpy()
-            for i, (_, raw) in enumerate(items):  # the one copy: member bytes → batch (in shared memory in workers)
-                s1_np[i] = raw.s1
-                s2_np[i] = raw.s2
-            batch.update(s1=s1, s2=s2)
-        if spec.with_meta:
-            batch["meta"] = [raw.meta for _, raw in items]
+        if out.tag is None or out.new or self.resend:  # else the main process rebuilds them from the slot it holds
+            batch.update((name, a if a.shape[0] == n else a[:n]) for name, a in out.arrays.items())
+        if self.spec.read.with_meta:
+            batch["meta"] = [raw.meta for raw in out.raws]
         return batch
+
+
+@dataclass
+class _Filling:
+    """A batch being assembled: its first sample's epoch, its arrays (from a `BatchPool`), the samples so far."""
+
+    epoch: int
+    arrays: dict[str, torch.Tensor]
+    tag: Optional[tuple[int, int, int]]
+    new: bool
+    """The pool's slot is new: its storage travels with the batch (later batches of the slot send the tag only)."""
+    rows: dict[str, np.ndarray]
+    """``arrays`` as numpy (the same memory)."""
+    raws: list[RawSample] = field(default_factory=list)
 
 
 class TrainStream(_Stream):
@@ -121,8 +157,8 @@ class TrainStream(_Stream):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         k = self._worker()
-        reader = ShardReader(self.spec.read)
         spec = self.spec
+        reader = ShardReader(spec.read, keep=max(1, spec.shuffle_buffer))
         K, mb = spec.num_workers, spec.micro_batch_size
         lo, hi = plan.stream_range(spec.num_samples, spec.rank, spec.world_size, k, K)
         length = hi - lo
@@ -133,11 +169,13 @@ class TrainStream(_Stream):
         position = plan.resume_position(length, spec.num_samples, index, mb, k, K, spec.origin_batches,
                                         spec.origin_samples)
         samples = self._shuffled(reader, k, lo, length, position)
+        pool = self._pool()
         while True:
-            items = [next(samples) for _ in range(mb)]
-            rng = np.random.default_rng([spec.seed, items[0][0], spec.rank, k, index, 1])
+            out = self._fill(reader, pool, samples)
+            assert out is not None and len(out.raws) == mb  # the stream is infinite
+            rng = np.random.default_rng([spec.seed, out.epoch, spec.rank, k, index, 1])
             crop, flip = draw_crops(rng, mb, spec.crop_scale_min, spec.hflip, spec.vflip, spec.read.s2_shape[1:])
-            yield self._batch(reader, k, index, items, crop, flip)
+            yield self._batch(reader, k, index, out, crop, flip)
             index += 1
 
     def _shuffled(self, reader: ShardReader, k: int, lo: int, length: int,
@@ -171,32 +209,18 @@ class PassStream(_Stream):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         k = self._worker()
-        reader = ShardReader(self.spec.read)
         spec = self.spec
+        reader = ShardReader(spec.read, keep=1)
         lo, hi = plan.stream_range(spec.num_samples, spec.rank, spec.world_size, k, spec.num_workers)
-        items: list[tuple[int, RawSample]] = []
+        items = ((0, raw) for raw in reader.slots(np.arange(len(spec.read.shards)), lo, hi) if raw is not None)
+        pool = self._pool()
         index = 0
-        for raw in reader.slots(np.arange(len(spec.read.shards)), lo, hi):
-            if raw is not None:
-                items.append((0, raw))
-            if len(items) == spec.micro_batch_size:
-                yield self._pass_batch(reader, k, index, items)
-                items, index = [], index + 1
-        if items:
-            yield self._pass_batch(reader, k, index, items)
+        while (out := self._fill(reader, pool, items)) is not None:
+            batch = self._batch(reader, k, index, out, *full_boxes(len(out.raws)))
+            batch["positions"] = [(raw.shard, raw.offset) for raw in out.raws]
+            yield batch
+            index += 1
         for msg in reader.pending_warnings:  # no batch left to carry them: straight to the worker's stderr
             log.warning(msg)
 
-    def _pass_batch(self, reader: ShardReader, k: int, index: int, items: list[tuple[int, RawSample]]) -> dict:
-        batch = self._batch(reader, k, index, items, *full_boxes(len(items)))
-        batch["positions"] = [(raw.shard, raw.offset) for _, raw in items]
-        return batch
 
-
-def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a worker, directly in shared memory so the hand-over copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
-    return proto.new(storage).resize_(shape)

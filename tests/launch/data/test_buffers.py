@@ -1,0 +1,99 @@
+"""The loader's reused memory (`launch.data.buffers`): batch slots come back only once nothing holds them, a
+batch or a row the consumer keeps is never written again, and a local shard's arrays go straight into the batch.
+
+Every factory sample carries its number in ``s2[0, 0, 0]`` and in its key, so a batch whose memory was written
+again by a later batch shows it: its numbers no longer match its keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from launch.data.loader import BATCH_SLOTS, LoaderSettings, PassLoader, ShardLoader
+from launch.data.reader import ArrayAt, ReadSpec, ShardReader
+from pipeline.manifest import load_manifest
+from shardfactory import make_shard_set
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return make_shard_set(str(tmp_path_factory.mktemp("buffers")), [9, 7, 8, 6], hw=8, s2_channels=3)
+
+
+def key_numbers(batch) -> list[int]:
+    return [int(k.split("_")[1]) for k in batch["keys"]]
+
+
+def numbers(batch) -> list[int]:
+    return batch["s2"][:, 0, 0, 0].tolist()
+
+
+def loader(url: str, workers: int, **kw) -> ShardLoader:
+    settings = LoaderSettings(num_workers=workers, shuffle_buffer=kw.pop("shuffle_buffer", 5))
+    return ShardLoader(load_manifest(url), settings, micro_batch_size=kw.pop("mb", 3), seed=kw.pop("seed", 2), **kw)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_the_consumer_keeps_are_never_written_again(shards, workers):
+    it = iter(loader(shards, workers))
+    kept = list(itertools.islice(it, 4 * BATCH_SLOTS))  # more than the pool's slots: it must allocate past them
+    it.close()
+    assert all(numbers(b) == key_numbers(b) for b in kept)
+    assert len({x for b in kept for x in key_numbers(b)}) == 30  # 4 epochs of 30 samples went by
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_memory_is_reused_once_the_consumer_lets_go_and_a_kept_row_keeps_its_slot(shards, workers):
+    it = iter(loader(shards, workers))
+    first = next(it)
+    row, want = first["s2"][1], key_numbers(first)[1]  # a view of one row outlives its batch
+    del first
+    storages, checked = set(), 0
+    for batch in itertools.islice(it, 60):
+        assert numbers(batch) == key_numbers(batch)  # as it arrives: nothing wrote into it meanwhile
+        storages.add(batch["s2"].untyped_storage().data_ptr())
+        checked += 1
+    it.close()
+    assert checked == 60
+    assert int(row[0, 0, 0]) == want
+    # 60 batches from a handful of slots per stream: the memory is reused, not allocated per batch
+    assert len(storages) <= max(1, workers) * BATCH_SLOTS < 60
+
+
+@pytest.mark.timeout(120)
+def test_a_persistent_pass_loader_gives_the_same_batches_every_pass(shards):
+    pass_loader = PassLoader(load_manifest(shards), LoaderSettings(num_workers=2), batch_size=4)
+    passes = [[(b["keys"], b["s2"].clone(), b["s1"].clone()) for b in pass_loader] for _ in range(3)]
+    assert sorted(int(k.split("_")[1]) for keys, _, _ in passes[0] for k in keys) == list(range(30))
+    for again in passes[1:]:
+        assert [k for k, _, _ in again] == [k for k, _, _ in passes[0]]
+        assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(again, passes[0]))
+
+
+def test_a_local_shard_changed_after_its_check_loses_the_sample_with_a_warning(tmp_path, caplog):
+    url = make_shard_set(str(tmp_path), [4], hw=8, s2_channels=3)
+    manifest = load_manifest(url)
+    spec = ReadSpec(shards=manifest.shards, fingerprint=manifest.fingerprint, s1_shape=manifest.shape("s1"),
+                    s2_shape=manifest.shape("s2"), s1_dtype=str(manifest.dtype("s1")),
+                    s2_dtype=str(manifest.dtype("s2")))
+    reader = ShardReader(spec)
+    rows = {"s1": np.empty((2, 8, 8), np.float32), "s2": np.empty((3, 8, 8), np.int16)}
+    samples = reader.slots(np.arange(1), 0, 4)
+    first = next(samples)
+    assert isinstance(first.s2, ArrayAt)  # located, not read: the bytes go straight into the row
+    assert reader.copy_into(first, rows) and int(rows["s2"][0, 0, 0]) == 0
+    second = next(samples)
+    os.truncate(second.s2.path, second.s2.offset + 10)
+    with caplog.at_level(logging.WARNING, logger="launch.data"):
+        assert not reader.copy_into(second, rows)
+    assert reader.skipped_samples == 1
+    assert second.key in caplog.text and "changed after it was checked" in caplog.text
+    reader.close()
