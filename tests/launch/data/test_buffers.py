@@ -35,14 +35,18 @@ def numbers(batch) -> list[int]:
 
 
 def loader(url: str, workers: int, **kw) -> ShardLoader:
-    settings = LoaderSettings(num_workers=workers, shuffle_buffer=kw.pop("shuffle_buffer", 5))
+    settings = LoaderSettings(num_workers=workers, shuffle_buffer=kw.pop("shuffle_buffer", 5),
+                              pin_memory=kw.pop("pin_memory", None))
     return ShardLoader(load_manifest(url), settings, micro_batch_size=kw.pop("mb", 3), seed=kw.pop("seed", 2), **kw)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("workers", [0, 2])
-def test_batches_the_consumer_keeps_are_never_written_again(shards, workers):
-    it = iter(loader(shards, workers))
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+@pytest.mark.parametrize("workers, pin", [(0, False), (2, False), (2, True)], ids=["in-process", "workers", "pinned"])
+def test_batches_the_consumer_keeps_are_never_written_again(shards, workers, pin):
+    # pinned: the arrays travel with every batch (a GPU's pinning thread copies them before the trainer sees them);
+    # on a CPU-only torch the DataLoader skips the copy, so the shared memory itself reaches the test
+    it = iter(loader(shards, workers, pin_memory=pin))
     kept = list(itertools.islice(it, 4 * BATCH_SLOTS))  # more than the pool's slots: it must allocate past them
     it.close()
     assert all(numbers(b) == key_numbers(b) for b in kept)
@@ -50,9 +54,10 @@ def test_batches_the_consumer_keeps_are_never_written_again(shards, workers):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("workers", [0, 2])
-def test_memory_is_reused_once_the_consumer_lets_go_and_a_kept_row_keeps_its_slot(shards, workers):
-    it = iter(loader(shards, workers))
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+@pytest.mark.parametrize("workers, pin", [(0, False), (2, False), (2, True)], ids=["in-process", "workers", "pinned"])
+def test_memory_is_reused_once_the_consumer_lets_go_and_a_kept_row_keeps_its_slot(shards, workers, pin):
+    it = iter(loader(shards, workers, pin_memory=pin))
     first = next(it)
     row, want = first["s2"][1], key_numbers(first)[1]  # a view of one row outlives its batch
     del first
