@@ -40,7 +40,7 @@ from common import S3_ENV, hardware, load_average, moto_server, print_header, s3
 from pipeline.sources import SOURCES, SourceOptions  # noqa: E402
 from pipeline.synthetic import make_ssl4eo_zarr  # noqa: E402
 
-_PLANNED = re.compile(r"planned (\d+) samples in (\d+) shards .* in ([\d.]+)s")
+_PLANNED = re.compile(r"planned (\d+) samples in (\d+) shards .* in ([\d.]+)s; the driver keeps ([\d.]+) MB")
 SEASONS = 4
 FULL_FILES_PER_MODALITY = 3846  # SSL4EO-S12 v1.1 (DLR-MF-DAS/SSL4EO-S12-v1.1 README)
 FULL_LOCATIONS_PER_FILE = 64
@@ -57,14 +57,15 @@ def plan_job(input_url: str, output: Path, workers: int) -> dict[str, Any]:
         sys.exit(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
                  f"\n--- stderr\n{proc.stderr[-5000:]}")
     return {"workers": workers, "samples": int(planned[1]), "shards": int(planned[2]),
-            "plan_seconds": float(planned[3]), "wall_seconds": wall}
+            "plan_seconds": float(planned[3]), "wall_seconds": wall, "driver_mb": float(planned[4])}
 
 
 def plan_in_process(input_url: str) -> dict[str, Any]:
-    """The plan in this process, serially, after a warm-up plan (imports, clients): its time and the memory
-    its result holds (tracemalloc: allocated by the plan and still alive while its items are)."""
+    """The plan in this process, serially, after a warm-up plan (imports, clients): its time, the memory its
+    result holds (tracemalloc: allocated by the plan and still alive while its items are), and the heap the items
+    alone take as Python objects: what a driver holding them would keep (it did before `pipeline.inventory`)."""
 
-    def plan() -> tuple[list, list]:
+    def plan() -> tuple[Any, list]:
         return SOURCES["ssl4eo-zarr"](input_url, SourceOptions()).plan("train", lambda f, a: [f(x) for x in a])
 
     plan()
@@ -74,8 +75,15 @@ def plan_in_process(input_url: str) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    pickled = pickle.dumps(list(items))
+    tracemalloc.start()
+    copy = pickle.loads(pickled)  # fresh objects, shared strings still shared (pickle's memo)
+    items_heap, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del copy
     return {"samples": len(items), "rejections": len(rejects), "seconds": seconds, "held_bytes": held,
-            "peak_bytes": peak, "pickled_bytes": len(pickle.dumps(items))}
+            "peak_bytes": peak, "pickled_bytes": len(pickled), "items_heap_bytes": items_heap,
+            "summary_bytes": items.driver_bytes()}
 
 
 def main() -> None:
@@ -115,30 +123,33 @@ def main() -> None:
     hw = hardware(packages=("ray", "s3fs", "zarr"))
     hw["load_avg_1m"] = f"{load_before} at start, {load_average()} at end"
     print_header("Planning at archive scale: ssl4eo-zarr on S3", setup, hw)
-    print("| run | workers | plan s | s per 1,000 files | s per 1,000 files x workers | wall s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| run | workers | plan s | s per 1,000 files | s per 1,000 files x workers | wall s | driver keeps |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     per_k_local = local["seconds"] / args.files * 1000
     print(f"| in this process, serial, under tracemalloc (slower) | 1 | {local['seconds']:.2f} | {per_k_local:.2f} "
-          f"| {per_k_local:.2f} | – |")
+          f"| {per_k_local:.2f} | – | {local['items_heap_bytes'] / 1e6:.1f} MB of items (listed here) |")
     for j in jobs:
         per_k = j["plan_seconds"] / args.files * 1000
         print(f"| preprocess (Ray) | {j['workers']} | {j['plan_seconds']:.2f} | {per_k:.2f} "
-              f"| {per_k * j['workers']:.2f} | {j['wall_seconds']:.1f} |")
+              f"| {per_k * j['workers']:.2f} | {j['wall_seconds']:.1f} | {j['driver_mb']:.2f} MB of summaries |")
     per_sample = local["pickled_bytes"] / local["samples"]
-    per_file = local["held_bytes"] / args.files
+    heap_per_sample = local["items_heap_bytes"] / local["samples"]
+    summary_per_sample = local["summary_bytes"] / local["samples"]
+    per_file = max(0, local["held_bytes"] - local["items_heap_bytes"] - local["summary_bytes"]) / args.files
     full_files = 2 * FULL_FILES_PER_MODALITY
     full_samples = FULL_FILES_PER_MODALITY * FULL_LOCATIONS_PER_FILE * SEASONS
     best = min(jobs, key=lambda j: j["plan_seconds"])
-    print(f"\nDriver memory: a planned sample is {per_sample:.0f} bytes pickled (what an inventory task returns "
-          f"and the driver keeps); in all the plan left {local['held_bytes'] / 1e6:.1f} MB allocated "
-          f"(tracemalloc: items, rejections and the storage clients' caches), {per_file / 1e3:.1f} kB per input "
-          f"file; peak while planning {local['peak_bytes'] / 1e6:.1f} MB.")
+    print(f"\nDriver memory: a planned sample is {heap_per_sample:.0f} bytes as Python objects ({per_sample:.0f} "
+          f"pickled: what an inventory task leaves in Ray's object store); the driver keeps "
+          f"{summary_per_sample:.0f} bytes of it (size estimate, digest, key hash: `pipeline.inventory`). Besides "
+          f"the items the serial plan left {per_file / 1e3:.1f} kB per input file allocated (storage clients' caches, "
+          f"rejections); peak while planning {local['peak_bytes'] / 1e6:.1f} MB.")
     print(f"\nExtrapolated to SSL4EO-S12 v1.1 ({full_files:,} files, {full_samples:,} samples): planning "
           f"~{best['plan_seconds'] / args.files * full_files:.0f} s at {best['workers']} worker(s) on this machine, "
-          f"if it scales with the file count (here {FULL_LOCATIONS_PER_FILE}x fewer locations per file, so the "
-          f"per-file cost is a lower bound); the driver would hold ~{per_sample * full_samples / 1e9:.2f} GB of "
-          f"planned samples (pickled size) plus ~{per_file * full_files / 1e9:.2f} GB if the per-file part "
-          f"scales with the files.")
+          f"if it scales with the file count (here {FULL_LOCATIONS_PER_FILE / args.locations:g}x fewer locations per "
+          f"file, so the per-file cost is a lower bound); the driver keeps ~{summary_per_sample * full_samples / 1e6:.0f} MB of "
+          f"summaries, where holding the items would take ~{heap_per_sample * full_samples / 1e9:.2f} GB "
+          f"(~{per_sample * full_samples / 1e9:.2f} GB pickled in the object store, spilled to disk when it fills).")
     write_json(args.json, {"setup": setup, "hardware": hw, "in_process": local, "jobs": jobs})
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
+from pipeline.inventory import ChunkPart, PlannedItems, as_planned, shard_fingerprint, work_items
 from pipeline.job import PreprocessError, PreprocessSettings, fingerprint, progress_path
 from pipeline.shards import SHARD_NAME
 from pipeline.sources import Rejection, Source, WorkItem
@@ -26,9 +27,14 @@ class ShardTask:
 
     index: int
     name: str
-    items: list[WorkItem]
+    items: Sequence[Union[WorkItem, ChunkPart]]
+    """Items planned on the driver as they are; those an inventory task left in Ray's object store as `ChunkPart`s,
+    which the shard task fetches (`work_items`)."""
     fingerprint: str
     """sha256 of the job fingerprint and the items' keys and references: a progress record carrying it is this shard."""
+
+    def work_items(self) -> list[WorkItem]:
+        return work_items(self.items)
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,8 @@ class SplitPlan:
     content: dict[str, Any]
     """`PreprocessSettings.content` of the split (recorded in the manifest)."""
     job_fingerprint: str
-    items: list[WorkItem]
-    """The samples to read, in their deterministic order."""
+    items: PlannedItems
+    """The samples to read, in their deterministic order (mostly in Ray's object store: `pipeline.inventory`)."""
     rejections: list[Rejection]
     """Inputs rejected while listing (unpaired or unreadable files)."""
     tasks: list[ShardTask]
@@ -59,30 +65,35 @@ class SplitPlan:
         return len(self.items) + len(self.rejections)
 
 
+def shard_bounds(est_bytes: Sequence[int], shard_bytes: int, max_samples: int) -> list[tuple[int, int]]:
+    """Cut items of these estimated sizes, in order, into ranges [lo, hi) of at most ``shard_bytes`` and
+    ``max_samples`` (a single item larger than ``shard_bytes`` is a shard of its own).
+
+    Depends only on the sizes, so the shard layout is the same whatever the number of workers."""
+    bounds: list[tuple[int, int]] = []
+    lo, size = 0, 0
+    for i, est in enumerate(int(e) for e in est_bytes):
+        if i > lo and (size + est > shard_bytes or i - lo >= max_samples):
+            bounds.append((lo, i))
+            lo, size = i, 0
+        size += est
+    if len(est_bytes) > lo:
+        bounds.append((lo, len(est_bytes)))
+    return bounds
+
+
 def pack_shards(items: Sequence[WorkItem], shard_bytes: int, max_samples: int) -> list[list[WorkItem]]:
-    """Cut the ordered items into shards of at most ``shard_bytes`` (estimated) and ``max_samples``.
-
-    Depends only on the items, so the shard layout is the same whatever the number of workers.
-    """
-    shards: list[list[WorkItem]] = []
-    cur: list[WorkItem] = []
-    size = 0
-    for it in items:
-        if cur and (size + it.est_bytes > shard_bytes or len(cur) >= max_samples):
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(it)
-        size += it.est_bytes
-    if cur:
-        shards.append(cur)
-    return shards
+    """The ordered items cut as `shard_bounds` cuts them."""
+    items = list(items)
+    return [items[lo:hi] for lo, hi in shard_bounds([it.est_bytes for it in items], shard_bytes, max_samples)]
 
 
-def shard_tasks(job_fp: str, split: str, shards: Sequence[list[WorkItem]]) -> list[ShardTask]:
-    """Name and fingerprint the packed shards of ``split``."""
-    return [ShardTask(index, SHARD_NAME.format(split=split, index=index), items,
-                      fingerprint([job_fp, [(it.key, it.refs) for it in items]]))
-            for index, items in enumerate(shards)]
+def shard_tasks(job_fp: str, split: str, items: PlannedItems, shard_bytes: int, max_samples: int) -> list[ShardTask]:
+    """Cut ``items`` into shards, name them and fingerprint them from the items' digests (no item is fetched)."""
+    digests = items.digests()
+    return [ShardTask(index, SHARD_NAME.format(split=split, index=index), items.parts(lo, hi),
+                      shard_fingerprint(job_fp, digests[lo:hi]))
+            for index, (lo, hi) in enumerate(shard_bounds(items.est_bytes(), shard_bytes, max_samples))]
 
 
 def plan_split(settings: PreprocessSettings, source: Source, split: str, out_url: str, map_fn: MapFn) -> SplitPlan:
@@ -90,12 +101,15 @@ def plan_split(settings: PreprocessSettings, source: Source, split: str, out_url
     content = settings.content(split)
     job_fp = fingerprint(content)
     t0 = time.time()
-    items, rejections = source.plan(split, map_fn)
-    if not items and not rejections:
+    listed, rejections = source.plan(split, map_fn)
+    items = as_planned(listed)
+    if not len(items) and not rejections:
         raise PreprocessError(f"{redact_url(settings.input)}: no samples found for split {split!r}")
-    tasks = shard_tasks(job_fp, split, pack_shards(items, settings.shard_bytes, settings.samples_per_shard))
+    tasks = shard_tasks(job_fp, split, items, settings.shard_bytes, settings.samples_per_shard)
     print(f"[{split}] planned {len(items)} samples in {len(tasks)} shards "
-          f"({len(rejections)} rejected while listing) in {time.time() - t0:.1f}s")
+          f"({len(rejections)} rejected while listing) in {time.time() - t0:.1f}s; the driver keeps "
+          f"{items.driver_bytes() / 1e6:.1f} MB of it (summaries; {items.remote_samples()} samples' items "
+          "in Ray's object store)")
     fs, root = url_to_fs(out_url, settings.storage_options)
     reused = {}
     for task in tasks:

@@ -46,7 +46,8 @@ from pipeline.sources import SOURCES, Source
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.logs import setup_logging
 from pipeline.storage import StorageUnavailable, check_writable, join, redact, redact_url, set_retry_window, url_to_fs
-from pipeline.workers import init_ray, ray_map, run_shards
+from pipeline.inventory import ray_inventory
+from pipeline.workers import init_ray, run_shards
 
 __all__ = ["PreprocessError", "PreprocessSettings", "main", "parse_args", "run_job", "run_split"]
 
@@ -60,7 +61,7 @@ def run_split(settings: PreprocessSettings, spec: SourceSpec, source: Source, sp
     done = check_output(settings, split, out_url)
     if done is not None:
         return done
-    plan = plan_split(settings, source, split, out_url, ray_map)
+    plan = plan_split(settings, source, split, out_url, ray_inventory)
     records = run_shards(settings, spec, plan, out_url)
     return commit_split(settings, plan, records, source, out_url).to_dict()
 

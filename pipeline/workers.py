@@ -56,20 +56,6 @@ def ray_cluster() -> dict[str, Any]:
     return {"ray": _CLUSTER["kind"], "nodes": len(nodes), "cpus": int(ray.cluster_resources().get("CPU", 0))}
 
 
-def ray_map(fn: Callable, args: Sequence) -> list:
-    """Run ``fn`` over ``args`` as Ray tasks, results in order (the sources' inventory work)."""
-    import ray
-
-    if not args:
-        return []
-    task = ray.remote(num_cpus=1, max_retries=2)(_apply)
-    return ray.get([task.remote(fn, a) for a in args])
-
-
-def _apply(fn: Callable, arg: Any) -> Any:
-    return fn(arg)
-
-
 @dataclass
 class _Tally:
     """What a shard task learns about its samples while writing them."""
@@ -112,7 +98,7 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
     try:
         local = os.path.join(tmp, task.name)
         with ShardWriter(local) as writer:
-            for result in source.read(task.items, split):
+            for result in source.read(task.work_items(), split):
                 if isinstance(result, Rejection):
                     tally.rejections.append(result.to_dict())
                     continue

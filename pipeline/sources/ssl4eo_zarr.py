@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from pipeline.inventory import PlannedItems
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
@@ -216,9 +217,9 @@ class SSL4EOZarr(Source):
                 have = next(iter(pairs[num].values()))
                 rejects.append(Rejection(self.url(have), None, MISSING_PARTNER,
                                          f"no {S1_PRODUCT} and no {self.s2_folder} file with number {num}"))
-        items: list[WorkItem] = []
+        items = PlannedItems()  # each pair's items stay where its inventory task ran (pipeline.inventory)
         for its, rej in map_fn(self.inventory_pair, jobs):
-            items.extend(its)
+            items.add(its)
             rejects.extend(rej)
         return items, rejects
 

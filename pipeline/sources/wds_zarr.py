@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from pipeline.inventory import PlannedItems
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
@@ -146,26 +147,23 @@ class ZarrWebDataset(Source):
                 raise missing_product_error(f"{redact_url(self.input_url)}/{split}", folder, found, why)
         jobs = [(name, folders.get(self.s1_folder(name)), folders.get(self.s2_folder))
                 for name, folders in sorted(shards.items())]
-        items: list[WorkItem] = []
+        items = PlannedItems()  # each tar pair's items stay where its inventory task ran (pipeline.inventory)
         rejects: list[Rejection] = []
         for its, rej in map_fn(self.inventory_shard, [j for j in jobs if j[1] or j[2]]):
-            items.extend(its)
+            items.add(its)
             rejects.extend(rej)
         return self._unique(items, rejects)
 
-    def _unique(self, items: list[WorkItem], rejects: list[Rejection]) -> tuple[list[WorkItem], list[Rejection]]:
-        """Items with keys seen before in the split go to quarantine (a shard key must be unique)."""
-        seen: set[str] = set()
-        kept = []
-        for it in items:
-            if it.key in seen:
-                rejects.append(Rejection(self.url(it.refs["s2"]), it.sample_id, DUPLICATE_KEY,
-                                         f"member {it.sample_id}.{MEMBER_EXT} also in an earlier shard", it.key,
-                                         it.time_index))
-                continue
-            seen.add(it.key)
-            kept.append(it)
-        return kept, rejects
+    def _unique(self, items: PlannedItems, rejects: list[Rejection]) -> tuple[PlannedItems, list[Rejection]]:
+        """Items with keys seen before in the split go to quarantine (a shard key must be unique); found from the
+        key hashes the driver holds, so only the chunks with a repeated key are fetched."""
+        repeated = items.duplicates()
+        for _, it in repeated:
+            rejects.append(Rejection(self.url(it.refs["s2"]), it.sample_id, DUPLICATE_KEY,
+                                     f"member {it.sample_id}.{MEMBER_EXT} also in an earlier shard", it.key,
+                                     it.time_index))
+        items.drop([p for p, _ in repeated])
+        return items, rejects
 
     # -- inventory: one Ray task per shard name ----------------------------------------------------
 
