@@ -36,6 +36,8 @@ class BandMoments:
         """Moments of ``x`` (C, H, W) over the pixels where ``valid`` (C, H, W) is True."""
         c = x.shape[0]
         flat = x.reshape(c, -1).astype(np.float64)
+        if valid is not None and np.count_nonzero(valid) == valid.size:  # the common case: no mask to apply
+            valid = None
         if valid is None:
             count = np.full(c, flat.shape[1], np.int64)
             mean = flat.mean(axis=1) if flat.shape[1] else np.zeros(c)

@@ -152,12 +152,15 @@ class Source(ABC):
         if min(s1.shape[1:]) == 0:
             return reject(WRONG_SHAPE, f"empty grid {s1.shape[1:]}")
         limit = self.options.max_nonfinite_fraction
+        finite = {}
         for name, x in (("S1", s1), ("S2", s2)):
             if np.issubdtype(x.dtype, np.floating):
-                bad = float((~np.isfinite(x)).mean())
+                finite[name] = np.count_nonzero(np.isfinite(x))  # one pass, no float copy of the mask
+                bad = 1.0 - finite[name] / x.size
                 if bad > limit:
                     return reject(NON_FINITE, f"{name}: {bad:.2%} non-finite pixels (limit {limit:.2%})")
-        if not self.valid_s1(s1).any():
+        # S1's valid pixels are its finite ones: counted above when S1 is floating
+        if not (finite["S1"] if "S1" in finite and type(self).valid_s1 is Source.valid_s1 else self.valid_s1(s1).any()):
             return reject(ALL_NODATA, "S1 has no valid pixel")
         if not self.valid_s2(s2).any():
             return reject(ALL_NODATA, "S2 has no valid pixel (all no-data)")
