@@ -36,7 +36,7 @@ def numbers(batch) -> list[int]:
 
 def loader(url: str, workers: int, **kw) -> ShardLoader:
     settings = LoaderSettings(num_workers=workers, shuffle_buffer=kw.pop("shuffle_buffer", 5),
-                              pin_memory=kw.pop("pin_memory", None))
+                              pin_memory=kw.pop("pin_memory", None), multiprocessing_context=kw.pop("context", None))
     return ShardLoader(load_manifest(url), settings, micro_batch_size=kw.pop("mb", 3), seed=kw.pop("seed", 2), **kw)
 
 
@@ -55,9 +55,12 @@ def test_batches_the_consumer_keeps_are_never_written_again(shards, workers, pin
 
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
-@pytest.mark.parametrize("workers, pin", [(0, False), (2, False), (2, True)], ids=["in-process", "workers", "pinned"])
-def test_memory_is_reused_once_the_consumer_lets_go_and_a_kept_row_keeps_its_slot(shards, workers, pin):
-    it = iter(loader(shards, workers, pin_memory=pin))
+@pytest.mark.parametrize("workers, pin, context", [(0, False, None), (2, False, None), (2, True, None),
+                                                   (2, False, "spawn")],
+                         ids=["in-process", "workers", "pinned", "spawn"])
+def test_memory_is_reused_once_the_consumer_lets_go_and_a_kept_row_keeps_its_slot(shards, workers, pin, context):
+    # spawn: the release array reaches the workers pickled (torch shares its memory), not inherited by fork
+    it = iter(loader(shards, workers, pin_memory=pin, context=context))
     first = next(it)
     row, want = first["s2"][1], key_numbers(first)[1]  # a view of one row outlives its batch
     del first
