@@ -170,13 +170,16 @@ class TrainStream(_Stream):
                                         spec.origin_samples)
         samples = self._shuffled(reader, k, lo, length, position)
         pool = self._pool()
-        while True:
-            out = self._fill(reader, pool, samples)
-            assert out is not None and len(out.raws) == mb  # the stream is infinite
-            rng = np.random.default_rng([spec.seed, out.epoch, spec.rank, k, index, 1])
-            crop, flip = draw_crops(rng, mb, spec.crop_scale_min, spec.hflip, spec.vflip, spec.read.s2_shape[1:])
-            yield self._batch(reader, k, index, out, crop, flip)
-            index += 1
+        try:
+            while True:
+                out = self._fill(reader, pool, samples)
+                assert out is not None and len(out.raws) == mb  # the stream is infinite
+                rng = np.random.default_rng([spec.seed, out.epoch, spec.rank, k, index, 1])
+                crop, flip = draw_crops(rng, mb, spec.crop_scale_min, spec.hflip, spec.vflip, spec.read.s2_shape[1:])
+                yield self._batch(reader, k, index, out, crop, flip)
+                index += 1
+        finally:  # the stream is closed (or collected): its open shard files with it
+            reader.close()
 
     def _shuffled(self, reader: ShardReader, k: int, lo: int, length: int,
                   position: int) -> Iterator[tuple[int, RawSample]]:
@@ -215,12 +218,13 @@ class PassStream(_Stream):
         items = ((0, raw) for raw in reader.slots(np.arange(len(spec.read.shards)), lo, hi) if raw is not None)
         pool = self._pool()
         index = 0
-        while (out := self._fill(reader, pool, items)) is not None:
-            batch = self._batch(reader, k, index, out, *full_boxes(len(out.raws)))
-            batch["positions"] = [(raw.shard, raw.offset) for raw in out.raws]
-            yield batch
-            index += 1
+        try:
+            while (out := self._fill(reader, pool, items)) is not None:
+                batch = self._batch(reader, k, index, out, *full_boxes(len(out.raws)))
+                batch["positions"] = [(raw.shard, raw.offset) for raw in out.raws]
+                yield batch
+                index += 1
+        finally:
+            reader.close()
         for msg in reader.pending_warnings:  # no batch left to carry them: straight to the worker's stderr
             log.warning(msg)
-
-

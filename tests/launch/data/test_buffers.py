@@ -105,3 +105,19 @@ def test_a_local_shard_changed_after_its_check_loses_the_sample_with_a_warning(t
     assert reader.skipped_samples == 1
     assert second.key in caplog.text and "changed after it was checked" in caplog.text
     reader.close()
+
+
+def test_passes_leave_no_shard_file_open(shards):
+    # a stream keeps a few local shards open for its reads (the shuffle block spans shards) and closes them with
+    # itself: an evaluation that makes many passes must not run out of file descriptors
+    loader = PassLoader(load_manifest(shards), LoaderSettings(num_workers=0), batch_size=4)
+    open_files = []
+    for _ in range(4):
+        assert sum(len(b["keys"]) for b in loader) == 30
+        open_files.append(len(os.listdir("/proc/self/fd")))
+    assert open_files == [open_files[0]] * 4
+    it = iter(loader)
+    next(it)
+    assert len(os.listdir("/proc/self/fd")) > open_files[0]  # mid-pass: the shard being read is open
+    it.close()
+    assert len(os.listdir("/proc/self/fd")) == open_files[0]
