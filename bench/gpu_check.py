@@ -192,7 +192,8 @@ def main() -> int:
               str(out / "loader.json")]
     loader += (["--samples", "32", "--seconds", "1", "--image-size", "32", "--workers", "1", "--mb", "4",
                 "--repeat", "1"] if dry else
-               ["--samples", "512", "--seconds", "20", "--device", "cuda", "--model", "vit_b", "--workers", "1", "6",
+               # five timed rows (two floors, 1 and 6 workers, the training step) inside the step's share of the budget
+               ["--samples", "512", "--seconds", "8", "--device", "cuda", "--model", "vit_b", "--workers", "1", "6",
                 "--repeat", "1", "--mb", "64"])
     steps["loader"] = run_step("loader", loader, out, share["loader"] * args.budget)
 
