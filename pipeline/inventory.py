@@ -90,7 +90,7 @@ class Chunk:
         indices = self.keep[lo:hi]
         if not self.remote:
             return [self._items[i] for i in indices]
-        return ChunkPart(self._items, tuple(int(i) for i in indices))
+        return ChunkPart(self._items, tuple(int(i) for i in indices), self.summary.digests[indices].tobytes())
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,20 @@ class ChunkPart:
 
     ref: Any
     indices: tuple[int, ...]
+    digests: bytes
+    """The planned items' digests: what the shard's fingerprint was made of."""
 
     def fetch(self) -> list[WorkItem]:
+        """The items, checked against their digests: Ray re-runs an inventory task whose node was lost, and a
+        rerun that listed other items must stop the shard, not write other samples under its fingerprint."""
         import ray
 
         items = ray.get(self.ref)
-        return [items[i] for i in self.indices]
+        picked = [items[i] for i in self.indices]
+        if b"".join(item_digest(it) for it in picked) != self.digests:
+            raise RuntimeError("the planned samples of a shard changed after planning (an inventory task ran again "
+                               "and listed other items); run the job again")
+        return picked
 
 
 class PlannedItems(Sequence):

@@ -328,6 +328,8 @@ def _parse_header(block: bytes) -> Optional[tuple[str, int, int]]:
             size = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError:
             return None
+    if size < 0:  # only a damaged header says so (tarfile would walk back onto it forever): the walk ends here
+        return None
     name = block[:100].split(b"\0", 1)[0]
     if block[257:265] == b"ustar\x0000" and block[345]:  # POSIX ustar: a prefix folder for long names
         name = block[345:500].split(b"\0", 1)[0] + b"/" + name
@@ -339,12 +341,17 @@ def _pax_records(payload: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
     pos = 0
     while pos < len(payload) and payload[pos] != 0:
-        length = int(payload[pos:payload.index(b" ", pos)])
-        record = payload[payload.index(b" ", pos) + 1:pos + length - 1]
-        key, _, value = record.partition(b"=")
+        space = payload.find(b" ", pos)
+        digits = payload[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        if space < 0 or length <= space - pos or pos + length > len(payload):  # pax data carries no checksum
+            raise tarfile.ReadError(f"invalid pax record at byte {pos} of an extended header")
+        key, _, value = payload[space + 1:pos + length - 1].partition(b"=")
         if key in (b"path", b"size"):
             out[key.decode()] = value.decode("utf-8", "surrogateescape")
         pos += length
+    if "size" in out and not out["size"].isdigit():
+        raise tarfile.ReadError(f"invalid pax size record {out['size']!r}")
     return out
 
 

@@ -97,6 +97,7 @@ class BatchPool:
         self._slots: list[torch.UntypedStorage] = []
         self._sent: list[int] = []
         """Per slot, the generation of the batch last handed out from it."""
+        self._unsent: Optional[tuple[int, int]] = None
 
     def take(self, rows: int) -> tuple[dict[str, torch.Tensor], Optional[tuple[int, int, int]], bool]:
         """Arrays for a batch of ``rows`` (<= the pool's rows), the tag (worker, slot, generation) the receiving
@@ -108,9 +109,17 @@ class BatchPool:
             slot, new = len(self._slots) - 1, True
         if slot is None:  # every slot is still referenced: a one-off storage, never reused
             return self._views(self._new_storage(), rows), None, True
+        self._unsent = (slot, self._sent[slot])
         self._sent[slot] = next(_GENERATIONS)
         tag = None if self.worker is None else (self.worker, slot, self._sent[slot])
         return self._views(self._slots[slot], rows), tag, new
+
+    def cancel(self) -> None:
+        """Give back the slot of the last `take` unsent (its batch came out empty): free again at once."""
+        if self._unsent is not None:
+            slot, generation = self._unsent
+            self._sent[slot] = generation
+            self._unsent = None
 
     def _free_slot(self) -> Optional[int]:
         for slot, storage in enumerate(self._slots):

@@ -132,7 +132,6 @@ class _RankLoader:
         self.pin_memory = torch.cuda.is_available() if settings.pin_memory is None else settings.pin_memory
         self.multiprocessing_context = settings.multiprocessing_context or default_multiprocessing_context()
         self._skipped: dict[int, tuple[int, int]] = {}
-        self._tracker: Optional[ReleaseTracker] = None
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -140,13 +139,14 @@ class _RankLoader:
         return {"shards": sum(v[0] for v in self._skipped.values()),
                 "samples": sum(v[1] for v in self._skipped.values())}
 
-    def _dataloader(self, dataset: _Stream, persistent: bool) -> DataLoader:
+    def _dataloader(self, dataset: _Stream, persistent: bool) -> tuple[DataLoader, Optional[ReleaseTracker]]:
+        """A DataLoader over ``dataset`` and the tracker of its workers' batch memory (None in-process). Each
+        DataLoader has its own: two live iterators of one loader must not release each other's slots."""
         if self.num_workers == 0:
-            self._tracker = None
-            return DataLoader(dataset, batch_size=None, collate_fn=_keep, pin_memory=self.pin_memory)
+            return DataLoader(dataset, batch_size=None, collate_fn=_keep, pin_memory=self.pin_memory), None
         # The workers' batch pools reuse a batch's shared memory once this process no longer references it.
-        self._tracker = ReleaseTracker(self.num_workers, BATCH_SLOTS, resend=self.pin_memory)
-        dataset.released, dataset.resend = self._tracker.released, self.pin_memory
+        tracker = ReleaseTracker(self.num_workers, BATCH_SLOTS, resend=self.pin_memory)
+        dataset.released, dataset.resend = tracker.released, self.pin_memory
         ctx = multiprocessing.get_context(self.multiprocessing_context)
         if self.multiprocessing_context == "forkserver":
             # The server imports the main module and the loader once; each worker then forks from
@@ -157,11 +157,11 @@ class _RankLoader:
             prefetch_factor=self.settings.prefetch_factor, persistent_workers=persistent,
             pin_memory=self.pin_memory, multiprocessing_context=ctx,
             worker_init_fn=functools.partial(_sync_environ, dict(os.environ)), timeout=self.settings.timeout,
-        )
+        ), tracker
 
-    def _receive(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if self._tracker is not None:
-            self._tracker.receive(batch)
+    def _receive(self, batch: dict[str, Any], tracker: Optional[ReleaseTracker]) -> dict[str, Any]:
+        if tracker is not None:
+            tracker.receive(batch)
         batch.pop("buffer", None)
         for msg in batch.pop("warnings", ()):
             log.warning("loader worker %d: %s", batch["worker"], msg)
@@ -258,11 +258,12 @@ class ShardLoader(_RankLoader):
         generation = self._generation
         # One DataLoader iterator lives for the whole run and a restart needs workers that start at a
         # new position, so persistent workers buy nothing.
-        for batch in self._dataloader(TrainStream(replace(self.spec, start_batch=self._batches)), persistent=False):
+        loader, tracker = self._dataloader(TrainStream(replace(self.spec, start_batch=self._batches)), persistent=False)
+        for batch in loader:
             if generation != self._generation:
                 raise LoaderError("load_state_dict was called during iteration; iterate the loader anew")
             self._batches += 1
-            yield self._receive(batch)
+            yield self._receive(batch, tracker)
 
 
 class PassLoader(_RankLoader):
@@ -279,13 +280,15 @@ class PassLoader(_RankLoader):
         _check_layout(batch_size, rank, world_size, settings, 0, 0)
         read = _read_spec(manifest, settings, rank, selection, images=images, with_meta=with_meta)
         super().__init__(manifest, settings, StreamSpec(read, world_size, settings.streams, batch_size))
-        self._loader: Optional[DataLoader] = None
+        self._loader: Optional[tuple[DataLoader, Optional[ReleaseTracker]]] = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._loader is None:
+            # persistent workers: torch gives every iteration the one iterator (reset), so one tracker serves
             self._loader = self._dataloader(PassStream(self.spec), persistent=True)
-        for batch in self._loader:
-            yield self._receive(batch)
+        loader, tracker = self._loader
+        for batch in loader:
+            yield self._receive(batch, tracker)
 
     def __len__(self) -> int:
         """Batches of this rank in the pass (without unreadable shards)."""

@@ -350,8 +350,11 @@ class ShardReader:
         """Copy ``raw``'s arrays into the batch rows ``rows['s1']``, ``rows['s2']`` (numpy views, the batch's dtypes).
 
         Arrays located in a local file are read straight into the row (``preadv``; through a scratch
-        buffer when the batch holds another dtype, e.g. uint16 as int32). A read that comes back short
-        (the file changed since it was checked) loses the sample: counted, warned, False."""
+        buffer when the batch holds another dtype, e.g. uint16 as int32). I/O errors are handled as
+        in `segment`: transient ones (a network file system's timeouts) are retried for the retry
+        window and then stop the run (`StorageUnavailable`), others are retried a few times with the
+        file opened again. A read that still comes back short, or fails, loses the sample: counted,
+        warned, False."""
         for name in ("s1", "s2"):
             src, dst = getattr(raw, name), rows[name]
             if not isinstance(src, ArrayAt):
@@ -359,20 +362,44 @@ class ShardReader:
                 continue
             direct = dst.dtype == src.dtype and dst.flags.c_contiguous
             target = dst if direct else self._scratch(name, src)
-            try:
-                got = os.preadv(self._fd(src.path), [memoryview(target).cast("B")], src.offset)
-            except OSError as err:
-                got, reason = -1, f"{type(err).__name__}: {err}"
-            else:
-                reason = f"{got} of {target.nbytes} bytes"
-            if got != target.nbytes:
+            reason = self._pread(raw, src, target)
+            if reason is not None:
                 self.skipped_samples += 1
                 self.warn(f"lost sample {raw.key} of {raw.shard} (rank {self.spec.rank}): reading its {name} "
-                          f"array gave {reason}; the file changed after it was checked")
+                          f"array {reason}")
                 return False
             if not direct:
                 dst[...] = target
         return True
+
+    def _pread(self, raw: RawSample, src: "ArrayAt", target: np.ndarray) -> Optional[str]:
+        """Read ``src`` into ``target``; None when it all arrived, else why not."""
+        attempts, outage = 0, None
+        while True:
+            try:
+                got = os.preadv(self._fd(src.path), [memoryview(target).cast("B")], src.offset)
+            except OSError as err:
+                self._forget(src.path)  # a fresh descriptor for the next attempt
+                if is_transient(err):
+                    outage = outage or time.monotonic()
+                    self._wait_out(self._shard_info(raw.shard), err, outage, attempts)
+                elif attempts >= MID_STREAM_RETRIES:
+                    return f"failed: {type(err).__name__}: {err}"
+                attempts += 1
+                continue
+            if outage is not None:
+                self.warn(f"reading {raw.shard} again after {time.monotonic() - outage:.0f} s")
+            if got != target.nbytes:
+                return f"gave {got} of {target.nbytes} bytes: the file changed after it was checked"
+            return None
+
+    def _shard_info(self, name: str) -> ShardInfo:
+        return next(s for s in self.spec.shards if s.name == name)
+
+    def _forget(self, path: str) -> None:
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
 
     def _scratch(self, name: str, at: "ArrayAt") -> np.ndarray:
         buf = self._scratches.get(name)

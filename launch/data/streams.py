@@ -113,6 +113,9 @@ class _Stream(IterableDataset):
             out.raws.append(raw._replace(s1=None, s2=None))
             if len(out.raws) == self.spec.micro_batch_size:
                 break
+        if out is not None and not out.raws:  # every sample after the batch began was lost: no empty batch
+            pool.cancel()
+            return None
         return out
 
     def _batch(self, reader: ShardReader, k: int, index: int, out: "_Filling", crop: np.ndarray,

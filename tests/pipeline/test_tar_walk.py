@@ -81,3 +81,23 @@ def test_cut_data_and_a_file_that_is_no_tar_raise_as_tarfile_does():
         with pytest.raises(tarfile.ReadError):
             walked(junk)
     assert walked(b"") == [] and walked(bytes(1024)) == []
+
+
+def test_damage_in_an_extended_header_or_a_negative_size_ends_the_walk_instead_of_hanging():
+    # pax data carries no checksum: a record length of 0 or less must not make the walk spin on it
+    for record in (b"0 path=x\n", b"-9 path=x\n", b"5 path=xyz\n", b"x path=y\n"):
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type, info.size = tarfile.XHDTYPE, len(record)
+        data = info.tobuf(tarfile.USTAR_FORMAT) + record.ljust(512, b"\0") + make_tar(tarfile.USTAR_FORMAT)
+        with pytest.raises(tarfile.ReadError):
+            walked(data)
+    # a header whose size field says -512 (base-256) and whose checksum is right: tarfile walks back onto it
+    # forever; the walk ends there, and a reader then finds fewer samples than expected
+    data = bytearray(make_tar(tarfile.GNU_FORMAT))
+    name, offset, _, _ = tarfile_members(bytes(data))[1]
+    header = bytearray(data[offset:offset + 512])
+    header[124:136] = b"\xff" + (-512 % (1 << 88)).to_bytes(11, "big")
+    header[148:156] = b" " * 8
+    header[148:155] = f"{sum(header):06o}\0".encode()
+    data[offset:offset + 512] = header
+    assert [m[0] for m in walked(bytes(data))] == [tarfile_members(make_tar(tarfile.GNU_FORMAT))[0][0]]

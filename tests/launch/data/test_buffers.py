@@ -121,3 +121,53 @@ def test_passes_leave_no_shard_file_open(shards):
     assert len(os.listdir("/proc/self/fd")) > open_files[0]  # mid-pass: the shard being read is open
     it.close()
     assert len(os.listdir("/proc/self/fd")) == open_files[0]
+
+
+@pytest.mark.timeout(120)
+def test_two_live_iterators_of_one_loader_keep_their_own_batch_memory(shards):
+    # each iteration has its own workers, pools and release tracker: interleaved, neither sees the other's pixels
+    shard_loader = loader(shards, 2, pin_memory=False)
+    first, second = iter(shard_loader), iter(shard_loader)
+    for it in (first, second):
+        for _ in range(4):
+            next(it)
+    for _ in range(20):
+        for it in (first, second):
+            batch = next(it)
+            assert numbers(batch) == key_numbers(batch)
+    first.close()
+    second.close()
+
+
+def test_a_transient_read_error_on_a_local_shard_is_retried_not_skipped(shards, monkeypatch):
+    # a network file system's timeout is an outage, not corruption: the same samples arrive, none is skipped
+    import errno
+
+    real, calls = os.preadv, itertools.count()
+
+    def flaky(fd, buffers, offset):
+        if next(calls) in (3, 4):
+            raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", flaky)
+    pass_loader = PassLoader(load_manifest(shards), LoaderSettings(num_workers=0), batch_size=4)
+    batches = list(pass_loader)
+    assert sorted(x for b in batches for x in key_numbers(b)) == list(range(30)) and next(calls) > 60
+    assert all(numbers(b) == key_numbers(b) for b in batches) and pass_loader.skipped["samples"] == 0
+
+
+def test_a_pass_whose_last_samples_are_lost_yields_no_empty_batch(shards, monkeypatch):
+    from launch.data.reader import ShardReader
+
+    real = ShardReader.copy_into
+
+    def lose_the_last_two(self, raw, rows):
+        if raw.key in ("sample_000028", "sample_000029"):
+            self.skipped_samples += 1
+            return False
+        return real(self, raw, rows)
+
+    monkeypatch.setattr(ShardReader, "copy_into", lose_the_last_two)
+    sizes = [len(b["keys"]) for b in PassLoader(load_manifest(shards), LoaderSettings(num_workers=0), batch_size=4)]
+    assert sizes == [4] * 7  # 28 samples in 7 full batches; the batch the last two would have begun is not sent
