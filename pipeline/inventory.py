@@ -9,8 +9,9 @@ fingerprint is made of) and a hash of its key (8 bytes, for the duplicate-key ch
 its index among the chunk's kept items (4 bytes): 32 bytes, about 32 MB for SSL4EO-S12
 v1.1's 985k samples, where the items themselves take about 1.5 KB each as Python objects
 (`bench/bench_planning.py`). Shard tasks fetch their items from
-the object store themselves (`ShardTask.work_items`). Sources that list on the driver
-(GeoTIFF trees) hand over plain lists, which stay on the driver as before.
+the object store themselves (`ShardTask.work_items`). Every source plans this way: the
+Zarr and WebDataset releases one task per file pair, the GeoTIFF trees one task per group
+of folders (`pipeline.sources.listing`).
 
 `PlannedItems` is the sequence a source's ``plan`` returns: chunks in plan order, each a
 list or an object-store reference with its summary, and which of its items are kept (a
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -236,13 +237,12 @@ def as_planned(items: Union[PlannedItems, Sequence[WorkItem]]) -> PlannedItems:
 InventoryFn = Callable[[Any], "tuple[list[WorkItem], list[Rejection]]"]
 
 
-def ray_inventory(fn: InventoryFn, args: Sequence[Any]) -> list[tuple[Chunk, list[Rejection]]]:
+def ray_inventory(fn: InventoryFn, args: Iterable[Any]) -> list[tuple[Chunk, list[Rejection]]]:
     """Run the inventory ``fn`` over ``args`` as Ray tasks: per arg, its items as a `Chunk` left in the object
-    store (the driver receives its `Summary`) and its rejections, in order."""
+    store (the driver receives its `Summary`) and its rejections, in order. ``args`` may be a generator: each
+    arg is submitted (and put in the object store) as it is made, so the driver never holds them all."""
     import ray
 
-    if not args:
-        return []
     task = ray.remote(num_cpus=1, max_retries=2, num_returns=3)(_inventory)
     refs = [task.remote(fn, a) for a in args]
     summaries = ray.get([r[0] for r in refs])
@@ -255,7 +255,7 @@ def _inventory(fn: InventoryFn, arg: Any) -> tuple[Summary, list[WorkItem], list
     return Summary.of(items), items, rejections
 
 
-def serial_inventory(fn: InventoryFn, args: Sequence[Any]) -> list[tuple[list[WorkItem], list[Rejection]]]:
+def serial_inventory(fn: InventoryFn, args: Iterable[Any]) -> list[tuple[list[WorkItem], list[Rejection]]]:
     """The same in this process (tests, benchmarks): items as lists."""
     return [fn(a) for a in args]
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.inventory import PlannedItems
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     BAD_LABELS,
@@ -30,6 +33,8 @@ from pipeline.sources.base import (
     date_from_name,
 )
 from pipeline.sources.geotiff import RESAMPLING, PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
+from pipeline.sources.listing import subfolders, subfolders_all
+from pipeline.storage import retrying
 
 BIGEARTHNET_19_CLASSES = (
     "Urban fabric",
@@ -138,6 +143,30 @@ S1_ROOT = "BigEarthNet-S1"
 S2_ROOT = "BigEarthNet-S2"
 METADATA = "metadata.parquet"
 SPLITS = ("train", "validation", "test")
+PATCHES_PER_TASK = 2000
+"""Metadata rows an inventory task takes: reBEN's 549k patches make ~275 tasks, each listing the one or two S2
+tile folders and the few S1 product folders its (sorted) patches fall in."""
+
+
+def s2_tile(patch_id: str) -> str:
+    """The S2 product folder a patch lives in: its id without the trailing _<col>_<row> (reBEN names a patch
+    <S2 product>_<col>_<row> and keeps it under BigEarthNet-S2/<S2 product>/; as torchgeo's and the release's
+    loaders build the path)."""
+    return patch_id.rsplit("_", 2)[0] if patch_id.count("_") >= 2 else ""
+
+
+def s1_tile(s1_name: str) -> str:
+    """The S1 product folder of an S1 patch: its name without the trailing _<mgrs>_<col>_<row> (reBEN names
+    it <S1 product>_<mgrs tile>_<col>_<row> under BigEarthNet-S1/<S1 product>/)."""
+    return s1_name.rsplit("_", 3)[0] if s1_name.count("_") >= 3 else ""
+
+
+def _row_groups(rows: pa.Table, size: int) -> Iterator[list[tuple[str, Optional[str], Optional[list[str]]]]]:
+    """Consecutive groups of metadata rows as (patch_id, s1_name, labels), made one at a time: the driver never
+    holds all rows as Python objects."""
+    for lo in range(0, rows.num_rows, size):
+        part = rows.slice(lo, size)
+        yield list(zip(part["patch_id"].to_pylist(), part["s1_name"].to_pylist(), part["labels"].to_pylist()))
 
 
 class BigEarthNet(Source):
@@ -148,53 +177,61 @@ class BigEarthNet(Source):
     def s2_bands(self) -> tuple[str, ...]:
         return S2_L2A_BANDS
 
-    def _metadata(self):
+    def _metadata(self) -> pa.Table:
+        """The release's metadata table (patch_id, s1_name, split, labels) as Arrow columns: about 180 bytes a
+        patch, not the ~1 KB of a row as Python objects."""
         path = f"{self.root}/{METADATA}"
-        if not self.fs.exists(path):
+        if not retrying(self.fs.exists)(path):
             raise FileNotFoundError(f"{self.input_url}: no {METADATA}; a BigEarthNet v2 archive has "
                                     f"{METADATA}, {S1_ROOT}/ and {S2_ROOT}/")
-        with self.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["patch_id", "s1_name", "split", "labels"])
-        return table.to_pylist()
+        data = retrying(self.fs.cat_file)(path)  # tens of MB for the whole release: read in one retried call
+        return pq.read_table(pa.BufferReader(data), columns=["patch_id", "s1_name", "split", "labels"])
 
     def available_splits(self) -> list[str]:
-        found = {row["split"] for row in self._metadata()}
+        found = {s for s in pc.unique(self._metadata()["split"]).to_pylist() if s is not None}
         return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
 
-    def _folders(self, sub: str) -> dict[str, str]:
-        """{patch folder name: folder path} from one recursive listing of ``sub``."""
-        base = f"{self.root}/{sub}"
-        if not self.fs.exists(base):
-            return {}
-        out: dict[str, str] = {}
-        for path in self.fs.find(base):
-            rel = path[len(base) :].strip("/").split("/")
-            if len(rel) == 3:
-                out[rel[1]] = f"{base}/{rel[0]}/{rel[1]}"
-        return out
-
-    def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
-        rows = [r for r in self._metadata() if r["split"] == split]
-        s2_dirs = self._folders(S2_ROOT)
-        s1_dirs = self._folders(S1_ROOT)
-        if not s2_dirs and not s1_dirs:
+    def plan(self, split: str, map_fn: Callable) -> tuple[PlannedItems, list[Rejection]]:
+        # The driver reads the metadata table and lists the two roots' tile folders (one level); each inventory
+        # task lists the tile folders its patches live in (`pipeline.sources.listing`) and makes their items.
+        if not subfolders(self.fs, f"{self.root}/{S2_ROOT}") and not subfolders(self.fs, f"{self.root}/{S1_ROOT}"):
             raise FileNotFoundError(f"{self.input_url}: no patch folders under {S2_ROOT}/ or {S1_ROOT}/")
+        table = self._metadata()
+        rows = table.filter(pc.equal(table["split"], split)).sort_by("patch_id")
+        items = PlannedItems()
+        rejects: list[Rejection] = []
+        for its, rej in map_fn(self.inventory_patches, _row_groups(rows, PATCHES_PER_TASK)):
+            items.add(its)
+            rejects.extend(rej)
+        return items, rejects
+
+    def inventory_patches(self, rows: Sequence[tuple[str, Optional[str], Optional[list[str]]]]
+                          ) -> tuple[list[WorkItem], list[Rejection]]:
+        """Items of some metadata rows (patch_id, s1_name, labels): each patch's S2 and S1 folders looked up in a
+        listing of the tile folders their names place them in."""
+        base2, base1 = f"{self.root}/{S2_ROOT}", f"{self.root}/{S1_ROOT}"
+        s2_dirs = {pid: f"{base2}/{s2_tile(pid)}" for pid, _, _ in rows}
+        s1_dirs = {name: f"{base1}/{s1_tile(name)}" for _, name, _ in rows if name}
+        listed = {path: set(names) for path, names in
+                  subfolders_all(self.fs, sorted(set(s2_dirs.values()) | set(s1_dirs.values()))).items()}
         meta_url = self.url(f"{self.root}/{METADATA}")
         items, rejects = [], []
-        for row in sorted(rows, key=lambda r: r["patch_id"]):
-            pid, s1_name = row["patch_id"], row["s1_name"]
+        for pid, s1_name, labels in rows:
             key = make_key(pid)
-            if pid not in s2_dirs or s1_name not in s1_dirs:
-                missing = "S2 folder" if pid not in s2_dirs else f"S1 folder {s1_name}"
-                rejects.append(Rejection(meta_url, pid, MISSING_PARTNER, f"no {missing}", key))
+            if pid not in listed[s2_dirs[pid]]:
+                rejects.append(Rejection(meta_url, pid, MISSING_PARTNER, "no S2 folder", key))
+                continue
+            if not s1_name or s1_name not in listed[s1_dirs[s1_name]]:
+                rejects.append(Rejection(meta_url, pid, MISSING_PARTNER, f"no S1 folder {s1_name}", key))
                 continue
             try:
-                labels = to_19_classes(list(row["labels"] or []))
+                labels = to_19_classes(list(labels or []))
             except KeyError as err:
                 rejects.append(Rejection(meta_url, pid, BAD_LABELS, f"unknown label {err.args[0]!r}", key))
                 continue
             items.append(WorkItem(key, pid, None, {
-                "s2_dir": s2_dirs[pid], "s1_dir": s1_dirs[s1_name], "s1_name": s1_name, "labels": labels,
+                "s2_dir": f"{s2_dirs[pid]}/{pid}", "s1_dir": f"{s1_dirs[s1_name]}/{s1_name}", "s1_name": s1_name,
+                "labels": labels,
             }, 0))
         est = self._estimate_bytes(items)
         for it in items:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from pipeline.inventory import PlannedItems
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     BAD_LABELS,
@@ -59,11 +60,17 @@ from pipeline.sources.geotiff import (
     footprint_offset_m,
     sample_onto,
 )
+from pipeline.sources.listing import find_all, groups, subfolders
+from pipeline.storage import retrying
 
 SEASON_FOLDERS = ("ROIs1158_spring", "ROIs1868_summer", "ROIs1970_fall", "ROIs2017_winter")
 MODALITIES = ("s1", "s2", "lc")
 FILE_NAME = "{roi}_{modality}_{scene}_p{patch}.tif"
 """File name of one patch; ``roi`` is the season folder ('ROIs1158_spring'), in folder ``{modality}_{scene}``."""
+_ROI = re.compile(r"^ROIs\d+_[a-z]+$")
+_SCENE_FOLDER = re.compile(r"^(?P<mod>s1|s2|lc)_(?P<scene>\d+)$")
+SCENES_PER_TASK = 4
+"""Scenes an inventory task lists (12 folders, ~2,800 patches: SEN12MS's 252 scenes make ~63 tasks)."""
 _NAME = re.compile(r"^(?P<roi>ROIs\d+_[a-z]+)_(?P<mod>s1|s2|lc)_(?P<scene>\d+)_p(?P<patch>\d+)\.tif$")
 SPLIT_FILES = {"train": "train_list.txt", "test": "test_list.txt"}
 LC_BANDS = ("IGBP", "LCCS_LC", "LCCS_LU", "LCCS_SH")
@@ -124,22 +131,53 @@ class SEN12MS(Source):
     def s2_bands(self) -> tuple[str, ...]:
         return S2_L1C_BANDS
 
-    def _triplets(self) -> dict[str, dict[str, str]]:
-        """{patch id: {modality: path}} from one recursive listing."""
-        out: dict[str, dict[str, str]] = defaultdict(dict)
-        for path in self.fs.find(self.root):
-            parts = path.rsplit("/", 3)
-            m = _NAME.match(parts[-1])
-            if m and len(parts) >= 3 and parts[-3] == m["roi"] and parts[-2] == f"{m['mod']}_{m['scene']}":
-                out[patch_id(m["roi"], m["scene"], m["patch"])][m["mod"]] = path
-        return out
+    def _scenes(self) -> list[tuple[str, int]]:
+        """(season folder, scene number) of every scene folder of any modality, in natural order, from a listing
+        of the root and of each season folder (one level each: ~1,000 names for the whole release)."""
+        scenes = set()
+        for roi in subfolders(self.fs, self.root):
+            if _ROI.match(roi):
+                for folder in subfolders(self.fs, f"{self.root}/{roi}"):
+                    m = _SCENE_FOLDER.match(folder)
+                    if m:
+                        scenes.add((roi, int(m["scene"])))
+        return sorted(scenes)
+
+    def inventory_scenes(self, scenes: Sequence[tuple[str, int, Optional[list[str]], Optional[str]]]
+                         ) -> tuple[list[WorkItem], list[Rejection]]:
+        """Items of some scenes (season folder, scene, the patch ids a split list wants from it or None for every
+        patch found, that list's path), from a listing of their three modality folders."""
+        folders = [f"{self.root}/{roi}/{mod}_{scene}" for roi, scene, _, _ in scenes for mod in MODALITIES]
+        listed = find_all(self.fs, folders)
+        items, rejects = [], []
+        for roi, scene, wanted, list_path in scenes:
+            files: dict[str, dict[str, str]] = defaultdict(dict)
+            for mod in MODALITIES:
+                folder = f"{self.root}/{roi}/{mod}_{scene}"
+                for name in listed[folder]:
+                    m = _NAME.match(name)  # a file directly in the folder, named for this folder's season and scene
+                    if m and m["roi"] == roi and m["mod"] == mod and int(m["scene"]) == scene:
+                        files[patch_id(roi, scene, m["patch"])][mod] = f"{folder}/{name}"
+            for pid in sorted(set(files if wanted is None else wanted), key=_natural):
+                have = files.get(pid, {})
+                missing = [m for m in MODALITIES if m not in have]
+                if missing:
+                    at = have.get("s2") or next(iter(have.values()), list_path or self.root)
+                    rejects.append(Rejection(self.url(at), pid, MISSING_PARTNER,
+                                             f"no {', '.join(missing)} file for this patch", make_key(pid)))
+                    continue
+                items.append(WorkItem(make_key(pid), pid, None, dict(have), 0))
+        est = self._estimate_bytes(items)
+        for it in items:
+            it.est_bytes = est
+        return items, rejects
 
     def _split_lists(self) -> dict[str, str]:
         """{split: path of its list} for the published split lists present."""
         found = {}
         for split, name in SPLIT_FILES.items():
             for path in (f"{self.root}/{name}", f"{self.root}/splits/{name}"):
-                if self.fs.exists(path):
+                if retrying(self.fs.exists)(path):
                     found[split] = path
                     break
         return found
@@ -151,38 +189,36 @@ class SEN12MS(Source):
         lists = self._split_lists()
         if lists:
             return list(lists)
-        if not self._triplets():
+        if not self._scenes():
             raise FileNotFoundError(f"{self.input_url}: no SEN12MS patches "
                                     "(ROIs<seed>_<season>/{s1,s2,lc}_<scene>/ROIs<seed>_<season>_<s1|s2|lc>_<scene>_p<n>.tif)")
         return ["train"]
 
-    def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
-        triplets = self._triplets()
+    def plan(self, split: str, map_fn: Callable) -> tuple[PlannedItems, list[Rejection]]:
+        # The driver lists the season and scene folders (and reads the split list); inventory tasks list the
+        # scenes' files (`pipeline.sources.listing`). Scenes in natural order, patches in natural order within
+        # each: the plan order is the patches' natural order.
         lists = self._split_lists()
         rejects: list[Rejection] = []
         if lists:
-            wanted, rejects = self._listed(lists[split])
+            listed, rejects = self._listed(lists[split])
+            by_scene: dict[tuple[str, int], list[str]] = defaultdict(list)
+            for pid in listed:
+                roi, scene, _ = _natural(pid)
+                by_scene[(roi, scene)].append(pid)
+            scenes = [(roi, scene, by_scene[(roi, scene)], lists[split]) for roi, scene in sorted(by_scene)]
         else:
-            wanted = list(triplets)
-        items = []
-        for pid in sorted(set(wanted), key=_natural):
-            files = triplets.get(pid, {})
-            missing = [m for m in MODALITIES if m not in files]
-            if missing:
-                have = files.get("s2") or next(iter(files.values()), lists.get(split, self.root))
-                rejects.append(Rejection(self.url(have), pid, MISSING_PARTNER,
-                                         f"no {', '.join(missing)} file for this patch", make_key(pid)))
-                continue
-            items.append(WorkItem(make_key(pid), pid, None, dict(files), 0))
-        est = self._estimate_bytes(items)
-        for it in items:
-            it.est_bytes = est
+            scenes = [(roi, scene, None, None) for roi, scene in self._scenes()]
+        items = PlannedItems()
+        for its, rej in map_fn(self.inventory_scenes, groups(scenes, SCENES_PER_TASK)):
+            items.add(its)
+            rejects.extend(rej)
         return items, rejects
 
     def _listed(self, path: str) -> tuple[list[str], list[Rejection]]:
         """Patch ids of one split list (lines name an s1, s2 or lc file); unparseable lines become rejections."""
-        with self.fs.open(path, "rt") as f:
-            lines = [line.strip() for line in f if line.strip()]
+        text = retrying(self.fs.cat_file)(path).decode()
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         ids, rejects = [], []
         for line in lines:
             m = _NAME.match(line.rsplit("/", 1)[-1])

@@ -16,10 +16,10 @@ quarantined (temporal_mismatch). The time index is the pair's date rank. Bands a
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Iterator, Sequence
 
 
+from pipeline.inventory import PlannedItems
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
@@ -33,10 +33,15 @@ from pipeline.sources.base import (
     pair_by_date,
 )
 from pipeline.sources.geotiff import RESAMPLING, PairFailure, RasterError, center_lonlat, decode, fetch, read_pair
+from pipeline.sources.listing import find_all, groups, subfolders
+from pipeline.storage import retrying
 
 # Modality folders as published: S1, and one per S2 processing level.
 S1_DIR = "s1"
 S2_DIRS = {"L1C": "s2c", "L2A": "s2a"}
+LOCATIONS_PER_TASK = 500
+"""Locations listed by one inventory task: 1,000 folder listings (about 30 s on S3 with 16 in flight), and
+2,000 work items; SSL4EO-S12 v1's 251k locations make ~500 tasks."""
 
 
 class SSL4EOTiff(Source):
@@ -51,33 +56,39 @@ class SSL4EOTiff(Source):
     def available_splits(self) -> list[str]:
         # The GeoTIFF release has no split folders: everything is one split.
         for sub in (S1_DIR, self.s2_dir):
-            if not self.fs.exists(f"{self.root}/{sub}"):
+            if not retrying(self.fs.exists)(f"{self.root}/{sub}"):
                 other = {d: level for level, d in S2_DIRS.items() if d != self.s2_dir}
-                found = [d for d in other if self.fs.exists(f"{self.root}/{d}")]
+                found = [d for d in other if retrying(self.fs.exists)(f"{self.root}/{d}")]
                 hint = f"; found {found[0]}/: pass --s2-product {other[found[0]]}" if sub != S1_DIR and found else ""
                 raise FileNotFoundError(f"{self.input_url}: no '{sub}/' folder; an SSL4EO-S12 v1 GeoTIFF tree has "
                                         f"{S1_DIR}/ and {self.s2_dir}/{hint}")
         return ["train"]
 
-    def _products(self, sub: str) -> dict[str, dict[str, list[str]]]:
-        """{location id: {product id: [file names]}} from one recursive listing."""
-        base = f"{self.root}/{sub}"
-        out: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-        for path in self.fs.find(base):
-            rel = path[len(base) :].strip("/").split("/")
-            if len(rel) == 3 and rel[2].lower().endswith((".tif", ".tiff")):
-                out[rel[0]][rel[1]].append(rel[2])
-        return out
+    def plan(self, split: str, map_fn: Callable) -> tuple[PlannedItems, list[Rejection]]:
+        # The driver lists the location folders of both modalities (one level, ~40 bytes a location); the
+        # inventory tasks list their products and files (`pipeline.sources.listing`).
+        locations = sorted(set(subfolders(self.fs, f"{self.root}/{S1_DIR}"))
+                           | set(subfolders(self.fs, f"{self.root}/{self.s2_dir}")))
+        if not locations:
+            raise FileNotFoundError(f"{self.input_url}: no location folders under {S1_DIR}/ or {self.s2_dir}/")
+        items = PlannedItems()
+        rejects: list[Rejection] = []
+        for its, rej in map_fn(self.inventory_locations, groups(locations, LOCATIONS_PER_TASK)):
+            items.add(its)
+            rejects.extend(rej)
+        return items, rejects
 
-    def plan(self, split: str, map_fn: Callable) -> tuple[list[WorkItem], list[Rejection]]:
-        s1 = self._products(S1_DIR)
-        s2 = self._products(self.s2_dir)
-        if not s1 and not s2:
-            raise FileNotFoundError(f"{self.input_url}: no GeoTIFF files under {S1_DIR}/ or {self.s2_dir}/")
+    def inventory_locations(self, locations: Sequence[str]) -> tuple[list[WorkItem], list[Rejection]]:
+        """The pairs of some locations, from a listing of their folders in both modalities."""
+        bases = (f"{self.root}/{S1_DIR}", f"{self.root}/{self.s2_dir}")
+        listed = find_all(self.fs, [f"{base}/{loc}" for base in bases for loc in locations])
         items: list[WorkItem] = []
         rejects: list[Rejection] = []
-        for loc in sorted(set(s1) | set(s2)):
-            its, rej = self._location(loc, sorted(s1.get(loc, {})), sorted(s2.get(loc, {})))
+        for loc in locations:
+            products = [sorted({rel.split("/")[0] for rel in listed[f"{base}/{loc}"]
+                                if rel.count("/") == 1 and rel.lower().endswith((".tif", ".tiff"))})
+                        for base in bases]
+            its, rej = self._location(loc, *products)
             items.extend(its)
             rejects.extend(rej)
         est = self._estimate_bytes(items)

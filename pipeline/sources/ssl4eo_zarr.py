@@ -54,7 +54,7 @@ from pipeline.sources.base import (
     date_from_name,
     pair_by_date,
 )
-from pipeline.storage import is_local
+from pipeline.storage import is_local, retrying
 
 # Product folders as published: S1 GRD, and one per S2 processing level ("S2" + level).
 S1_PRODUCT = "S1GRD"
@@ -174,14 +174,14 @@ class SSL4EOZarr(Source):
     def _files(self, listing: Optional[list[str]] = None) -> dict[str, dict[str, dict[str, str]]]:
         """{split: {number: {product folder: path}}} from one recursive listing."""
         out: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-        for path in self.fs.find(self.root) if listing is None else listing:
+        for path in retrying(self.fs.find)(self.root) if listing is None else listing:
             m = _FILE.search(path)
             if m:
                 out[m["split"]][m["num"]][m["product"]] = path
         return out
 
     def available_splits(self) -> list[str]:
-        listing = self.fs.find(self.root)
+        listing = retrying(self.fs.find)(self.root)
         files = self._files(listing)
         if not files:
             raise FileNotFoundError(

@@ -46,7 +46,7 @@ from pipeline.sources.base import (
 )
 from pipeline.sources.wds_tar import MemberRef, TarIndex, index_tar, open_ranged, read_member
 from pipeline.sources.zarr_member import MEMBER_EXT, Location, decode_member
-from pipeline.storage import redact_url
+from pipeline.storage import redact_url, retrying
 
 S2_LEVEL_FOLDERS = {"L1C": "S2L1C", "L2A": "S2L2A"}
 """The S2 product folder of each ``--s2-product``, as both releases name them."""
@@ -112,7 +112,7 @@ class ZarrWebDataset(Source):
     def _listing(self) -> dict[str, dict[str, dict[str, str]]]:
         """{split: {shard name: {product folder: path}}} of the release's tars, from one recursive listing."""
         out: dict[str, dict[str, dict[str, str]]] = {}
-        for path in self.fs.find(self.root):
+        for path in retrying(self.fs.find)(self.root):
             parts = path[len(self.root):].strip("/").split("/")
             if len(parts) == 3 and PRODUCT_FOLDER.match(parts[1]) and self.shard_file.match(parts[2]):
                 out.setdefault(parts[0], {}).setdefault(parts[2], {})[parts[1]] = path
