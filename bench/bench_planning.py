@@ -5,7 +5,7 @@ half S2L1C, ``--locations`` locations of 4 seasons each, tiny images: the plan r
 metadata only, so the pixel size does not matter), uploads it to a moto S3 server on
 loopback, then:
 
-1. runs ``python -m pipeline.preprocess`` on it with each of ``--workers`` and takes
+1. runs ``python -m pipeline.preprocess --plan-only`` on it with each of ``--workers`` and takes
    the job's own "planned N samples in M shards ... in X s" line: listing on the
    driver, one inventory task per S1/S2 file pair on Ray, shard cutting;
 2. plans the same input in this process (serially) under ``tracemalloc``: the bytes the
@@ -48,7 +48,8 @@ FULL_LOCATIONS_PER_FILE = 64
 
 def plan_job(input_url: str, output: Path, workers: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pipeline.preprocess", "--source", "ssl4eo-zarr", "--input", input_url,
-           "--output", str(output), "--workers", str(workers), "--no-progress"]
+           "--output", str(output), "--workers", str(workers), "--no-progress",
+           "--plan-only"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
     wall = time.perf_counter() - start

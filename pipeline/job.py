@@ -115,6 +115,9 @@ class PreprocessSettings:
     """Ray cluster address; None: $RAY_ADDRESS, else an embedded local instance."""
     progress: bool = True
     """Show a progress bar (``--no-progress`` turns it off)."""
+    plan_only: bool = False
+    """List and plan every split (inventory tasks on Ray, shard cutting, shards an earlier run left), print what a
+    run would do, and write nothing: no shard, lease or manifest."""
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -10,7 +10,8 @@ the project on every node)::
     ray submit launch/ray/cluster.yaml pipeline/preprocess.py -- \\
         --source ssl4eo-zarr --input s3://bucket/ssl4eo-s12 --output s3://bucket/shards
 
-The job is planned on the driver (listing, Zarr metadata), cut into shards
+The job is planned by inventory tasks on Ray (Zarr metadata, tar indexes, folder
+listings; the driver keeps a 32-byte summary per sample), cut into shards
 deterministically, and each shard is built by one Ray task that streams its
 samples into a local tar and publishes it atomically. A small progress record
 per shard makes a killed run resumable; ``manifest.json``, written last, is the
@@ -19,7 +20,8 @@ commit point.
 This module is the command line: it parses the flags into `PreprocessSettings`
 (`pipeline.job`) and runs each split through its steps: `check_output` and
 `commit_split` (`pipeline.commit`), `plan_split` (`pipeline.plan`) and
-`run_shards` (`pipeline.workers`).
+`run_shards` (`pipeline.workers`). ``--plan-only`` stops after planning and prints
+what a run would do (samples, shards, rejections), writing nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import argparse
 import contextlib
 import json
 import logging
+import time
+from collections import Counter
 from typing import Any, Optional, Sequence
 
 from pipeline.commit import check_output, commit_split
@@ -49,7 +53,7 @@ from pipeline.storage import StorageUnavailable, check_writable, join, redact, r
 from pipeline.inventory import ray_inventory
 from pipeline.workers import init_ray, run_shards
 
-__all__ = ["PreprocessError", "PreprocessSettings", "main", "parse_args", "run_job", "run_split"]
+__all__ = ["PreprocessError", "PreprocessSettings", "main", "parse_args", "preview_split", "run_job", "run_split"]
 
 
 def run_split(settings: PreprocessSettings, spec: SourceSpec, source: Source, split: str,
@@ -64,6 +68,20 @@ def run_split(settings: PreprocessSettings, spec: SourceSpec, source: Source, sp
     plan = plan_split(settings, source, split, out_url, ray_inventory)
     records = run_shards(settings, spec, plan, out_url)
     return commit_split(settings, plan, records, source, out_url).to_dict()
+
+
+def preview_split(settings: PreprocessSettings, source: Source, split: str, out_url: str) -> dict[str, Any]:
+    """Plan ``split`` as a run would (Ray initialised), print the plan and return its summary; writes nothing."""
+    plan = plan_split(settings, source, split, out_url, ray_inventory)
+    reasons = Counter(r.reason for r in plan.rejections)
+    summary = {"split": split, "samples": len(plan.items), "shards": len(plan.tasks), "reusable": len(plan.reused),
+               "rejected_while_listing": dict(sorted(reasons.items())),
+               "planning_seconds": round(time.time() - plan.started, 2)}
+    rejected = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
+    print(f"[{split}] plan only: {summary['samples']} samples in {summary['shards']} shards, "
+          f"{summary['reusable']} of them complete from an earlier run; rejected while listing: {rejected}; "
+          "nothing written")
+    return summary
 
 
 def lease(settings: PreprocessSettings, split: str, out_url: str) -> Lease:
@@ -93,7 +111,8 @@ def run_job(settings: PreprocessSettings) -> int:
         return _fail(f"split {settings.split!r} not in {redact_url(settings.input)} (found: {', '.join(available)})")
     try:
         fs, root = url_to_fs(settings.output, settings.storage_options)
-        check_writable(fs, root, settings.output)
+        if not settings.plan_only:
+            check_writable(fs, root, settings.output)
     except PermissionError as err:
         return _fail(str(err))
     set_retry_window(settings.retry_window_s)  # this process, and through the environment its Ray workers
@@ -101,11 +120,14 @@ def run_job(settings: PreprocessSettings) -> int:
         with contextlib.ExitStack() as held:
             # Every output's lease before Ray starts: a run that would be refused is refused at once, and
             # no split of a multi-split job is half-written because another run holds a later one.
-            for split, out_url in targets:
+            for split, out_url in targets if not settings.plan_only else ():
                 held.enter_context(lease(settings, split, out_url))
             init_ray(settings.ray_address, settings.workers)
             for split, out_url in targets:
-                run_split(settings, spec, source, split, out_url)
+                if settings.plan_only:
+                    preview_split(settings, source, split, out_url)
+                else:
+                    run_split(settings, spec, source, split, out_url)
     except (PreprocessError, LeaseHeld) as err:
         return _fail(str(err))
     except StorageUnavailable as err:
@@ -152,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster address, e.g. 'auto' on a cluster node "
                                          "(default: $RAY_ADDRESS, else an embedded local instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan-only", action="store_true",
+                   help="list and plan the splits (on Ray), print samples, shards and rejections; write nothing")
     return p
 
 

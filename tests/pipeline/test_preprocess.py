@@ -263,6 +263,24 @@ def test_storage_options_secrets_are_redacted(tmp_path, s3_bucket, s3_endpoint):
         assert "passed-on-the-command-line" not in t and S3_ENV["AWS_ACCESS_KEY_ID"] not in t
 
 
+def test_plan_only_prints_the_plan_and_writes_nothing(tmp_path):
+    root = tmp_path / "tiff"
+    synthetic.make_ssl4eo_tiff(str(root), n_locations=3, size=24, seed=1, missing_s1=("0000001",))
+    out = tmp_path / "shards"
+    args = ("--source", "ssl4eo-tiff", "--input", str(root), "--output", str(out), "--workers", "1",
+            "--samples-per-shard", "3")
+    proc = preprocess(*args, "--plan-only")
+    # 2 locations x 4 seasons in shards of 3; the location without S1 is 4 rejections
+    assert "[train] plan only: 8 samples in 3 shards, 0 of them complete from an earlier run; rejected while " \
+           "listing: 4 missing_partner; nothing written" in proc.stdout
+    assert not out.exists()
+    preprocess(*args)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    proc = preprocess(*args, "--plan-only")
+    assert "8 samples in 3 shards, 3 of them complete from an earlier run" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # no lease, no record, nothing touched
+
+
 def test_console_script_and_library_log_level(tmp_path, s3_bucket):
     """`fusmae-preprocess` is the installed command; FUSMAE_LIBRARY_LOG_LEVEL lets the libraries' INFO lines back in."""
     root = tmp_path / "tiff"
@@ -291,10 +309,14 @@ def test_bigearthnet_all_splits_with_labels(tmp_path):
 
     meta = pq.read_table(root / "metadata.parquet").to_pylist()
     out = tmp_path / "shards"
-    preprocess("--source", "bigearthnet", "--input", str(root), "--output", str(out), "--split", "all", "--workers", "2")
+    proc = preprocess("--source", "bigearthnet", "--input", str(root), "--output", str(out), "--split", "all",
+                      "--workers", "2")
     total = 0
     for split in ("train", "validation", "test"):
         rows = {r["patch_id"]: r for r in meta if r["split"] == split}
+        # planned on Ray: every planned sample's item stayed in the object store (pipeline.sources.listing)
+        assert f"[{split}] planned {len(rows)} samples" in proc.stdout
+        assert f"{len(rows)} samples' items in Ray's object store" in proc.stdout
         m = read_manifest(out / split)
         samples = read_shards(out / split)
         assert set(samples) == set(rows) and m["quarantined"] == 0
