@@ -33,12 +33,29 @@ def groups(seq: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(seq[i:i + size])
 
 
+def forget(fs, path: str) -> None:
+    """Drop what ``fs`` cached of the listings of ``path`` and everything under it.
+
+    s3fs (and other object-store filesystems) keep every listing in ``fs.dircache`` for the life of the
+    filesystem object, which fsspec shares within a process: about 1 KB per file listed. A Ray worker that runs
+    inventory tasks over millions of files, or a driver that listed 250k location folders, would keep them all;
+    the listings are used once, so they are forgotten at once."""
+    cache = getattr(fs, "dircache", None)
+    if not cache:
+        return
+    base = path.rstrip("/")
+    for key in [k for k in list(cache) if k == base or k.startswith(base + "/")]:
+        cache.pop(key, None)
+
+
 def subfolders(fs, path: str) -> list[str]:
     """Names of the folders directly under ``path``, sorted; [] when ``path`` does not exist."""
     try:
         entries = retrying(fs.ls)(path, detail=True)
     except FileNotFoundError:
         return []
+    finally:
+        forget(fs, path)
     base = path.rstrip("/")
     names = []
     for e in entries:
@@ -66,6 +83,8 @@ def find_all(fs, paths: Sequence[str]) -> dict[str, list[str]]:
             found = retrying(fs.find)(path)
         except FileNotFoundError:
             return []
+        finally:
+            forget(fs, path)
         return sorted(p[len(base):] for p in found if p.startswith(base))
 
     return _map(fs, find, paths)

@@ -60,8 +60,9 @@ def archives(tmp_path_factory):
     return out
 
 
-def _plan(source: str, url: str, split: str, options: SourceOptions | None = None):
-    """(items as (key, refs, est_bytes), rejections as (reason, key, detail), number of inventory jobs)."""
+def _plan(source: str, url: str, split: str, options: SourceOptions | None = None, cached: list | None = None):
+    """(items as (key, refs, est_bytes), rejections as (reason, key, detail), number of inventory jobs); the
+    listings the source's filesystem still caches afterwards are appended to ``cached``."""
     jobs = []
 
     def serial(fn, args):
@@ -69,7 +70,10 @@ def _plan(source: str, url: str, split: str, options: SourceOptions | None = Non
         jobs.extend(results)
         return results
 
-    items, rejects = SOURCES[source](url, options or SourceOptions()).plan(split, serial)
+    reader = SOURCES[source](url, options or SourceOptions())
+    items, rejects = reader.plan(split, serial)
+    if cached is not None:
+        cached.extend(k for k in reader.fs.dircache if k.startswith(reader.root))
     return ([(it.key, it.refs, it.est_bytes) for it in items],
             sorted((r.reason, r.key, r.detail) for r in rejects), len(jobs))
 
@@ -117,7 +121,7 @@ def test_listing_helpers_on_a_local_tree(tmp_path):
 def test_listing_an_object_store_that_fails_now_and_then(archives, source, s3_bucket, store_proxy, monkeypatch):
     """The same plan from S3, cut into one-entry groups (many listings in flight), through a proxy that is down for
     the first 4 s (longer than s3fs's own retries last) and answers one new connection in four with 503 SlowDown:
-    every listing is retried until it succeeds, none is lost or taken for an empty folder."""
+    every listing is retried until it succeeds, none is lost or taken for an empty folder, and none stays cached."""
     root, expected = archives[source]
     url = f"{s3_bucket}/{source}"
     fresh_s3fs().put(str(root), url, recursive=True)
@@ -128,10 +132,14 @@ def test_listing_an_object_store_that_fails_now_and_then(archives, source, s3_bu
     options = SourceOptions(storage_options={"skip_instance_cache": True, "endpoint_url": store_proxy.url,
                                              "config_kwargs": {"retries": {"max_attempts": 1}}})
     store_proxy.outage(4.0)
+    cached: list[str] = []
     for split, (keys, rejected) in expected.items():
-        items, rejects, _ = _plan(source, url, split, options)
+        items, rejects, _ = _plan(source, url, split, options, cached)
         assert [k for k, _, _ in items] == keys
         assert sorted(key for _, key, _ in rejects) == sorted(rejected)
         assert all(refs[ref].startswith(url.removeprefix("s3://")) for _, refs, _ in items for ref in refs
                    if ref in ("s1_dir", "s2_dir", "s1", "s2", "lc"))
     assert store_proxy.refused > 0
+    # s3fs keeps every listing for the life of its filesystem object (shared within a process): listed folders
+    # are forgotten at once, or a Ray worker listing millions of files would hold ~1 KB for each
+    assert cached == []
