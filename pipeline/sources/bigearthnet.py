@@ -208,7 +208,9 @@ class BigEarthNet(Source):
     def inventory_patches(self, rows: Sequence[tuple[str, Optional[str], Optional[list[str]]]]
                           ) -> tuple[list[WorkItem], list[Rejection]]:
         """Items of some metadata rows (patch_id, s1_name, labels): each patch's S2 and S1 folders looked up in a
-        listing of the tile folders their names place them in."""
+        listing of the tile folders their names place them in. Folder names only, not the 14 files of each
+        patch: a patch folder that exists but lacks a band file is planned, and quarantined when read
+        (wrong_band_count, naming the missing file)."""
         base2, base1 = f"{self.root}/{S2_ROOT}", f"{self.root}/{S1_ROOT}"
         s2_dirs = {pid: f"{base2}/{s2_tile(pid)}" for pid, _, _ in rows}
         s1_dirs = {name: f"{base1}/{s1_tile(name)}" for _, name, _ in rows if name}

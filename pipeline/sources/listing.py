@@ -33,6 +33,11 @@ def groups(seq: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(seq[i:i + size])
 
 
+def _bare(fs, path: str) -> str:
+    """``path`` as ``fs`` names what it lists: without protocol ('s3://', 'file://') or trailing slash."""
+    return fs._strip_protocol(path).rstrip("/")
+
+
 def forget(fs, path: str) -> None:
     """Drop what ``fs`` cached of the listings of ``path`` and everything under it.
 
@@ -43,7 +48,7 @@ def forget(fs, path: str) -> None:
     cache = getattr(fs, "dircache", None)
     if not cache:
         return
-    base = path.rstrip("/")
+    base = _bare(fs, path)
     for key in [k for k in list(cache) if k == base or k.startswith(base + "/")]:
         cache.pop(key, None)
 
@@ -56,7 +61,7 @@ def subfolders(fs, path: str) -> list[str]:
         return []
     finally:
         forget(fs, path)
-    base = path.rstrip("/")
+    base = _bare(fs, path)
     names = []
     for e in entries:
         name = e["name"].rstrip("/")
@@ -75,17 +80,18 @@ def _map(fs, fn, paths: Sequence[str]) -> dict[str, list[str]]:
 
 def find_all(fs, paths: Sequence[str]) -> dict[str, list[str]]:
     """{path: the files under it, recursively, as paths relative to it ('a/b.tif'), sorted} for each of
-    ``paths`` ([] for a folder that does not exist); transient storage errors are retried (`retrying`)."""
+    ``paths`` ([] for a folder that does not exist); transient storage errors are retried (`retrying`).
+    A folder's own marker object on an object store (key 'a/') is not a file: it is left out."""
 
     def find(path: str) -> list[str]:
-        base = path.rstrip("/") + "/"
+        base = _bare(fs, path) + "/"
         try:
             found = retrying(fs.find)(path)
         except FileNotFoundError:
             return []
         finally:
             forget(fs, path)
-        return sorted(p[len(base):] for p in found if p.startswith(base))
+        return sorted(p[len(base):] for p in found if p.startswith(base) and not p.endswith("/") and p != base)
 
     return _map(fs, find, paths)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -122,6 +123,24 @@ def scene_labels(igbp: np.ndarray) -> Optional[dict[str, Any]]:
             "label": SIMPLIFIED_IGBP_CLASSES[top], "label_index": top}
 
 
+@dataclass(frozen=True)
+class Scene:
+    """One scene of a season, as an inventory task takes it."""
+
+    roi: str
+    """Season folder, 'ROIs1158_spring'."""
+    number: int
+    folders: dict[str, str]
+    """{modality: folder name as found}; a modality without a folder is looked for as '<modality>_<number>'."""
+    wanted: Optional[tuple[str, ...]] = None
+    """Patch ids a split list wants from this scene; None: every patch found."""
+    list_path: Optional[str] = None
+    """That split list (named by the rejection of a listed patch found nowhere)."""
+
+    def folder(self, root: str, modality: str) -> str:
+        return f"{root}/{self.roi}/{self.folders.get(modality, f'{modality}_{self.number}')}"
+
+
 class SEN12MS(Source):
     name = "sen12ms"
     version = "SEN12MS (Schmitt et al. 2019)"
@@ -131,38 +150,36 @@ class SEN12MS(Source):
     def s2_bands(self) -> tuple[str, ...]:
         return S2_L1C_BANDS
 
-    def _scenes(self) -> list[tuple[str, int]]:
-        """(season folder, scene number) of every scene folder of any modality, in natural order, from a listing
-        of the root and of each season folder (one level each: ~1,000 names for the whole release)."""
-        scenes = set()
+    def _scenes(self) -> dict[tuple[str, int], dict[str, str]]:
+        """{(season folder, scene number): {modality: its folder's name}} of every scene folder, in natural order,
+        from a listing of the root and of each season folder (one level each: ~1,000 names for the release). The
+        names are kept as found: a folder 's1_024' is scene 24 and is listed under its own name."""
+        scenes: dict[tuple[str, int], dict[str, str]] = defaultdict(dict)
         for roi in subfolders(self.fs, self.root):
             if _ROI.match(roi):
                 for folder in subfolders(self.fs, f"{self.root}/{roi}"):
                     m = _SCENE_FOLDER.match(folder)
                     if m:
-                        scenes.add((roi, int(m["scene"])))
-        return sorted(scenes)
+                        scenes[(roi, int(m["scene"]))].setdefault(m["mod"], folder)
+        return dict(sorted(scenes.items()))
 
-    def inventory_scenes(self, scenes: Sequence[tuple[str, int, Optional[list[str]], Optional[str]]]
-                         ) -> tuple[list[WorkItem], list[Rejection]]:
-        """Items of some scenes (season folder, scene, the patch ids a split list wants from it or None for every
-        patch found, that list's path), from a listing of their three modality folders."""
-        folders = [f"{self.root}/{roi}/{mod}_{scene}" for roi, scene, _, _ in scenes for mod in MODALITIES]
-        listed = find_all(self.fs, folders)
+    def inventory_scenes(self, scenes: Sequence[Scene]) -> tuple[list[WorkItem], list[Rejection]]:
+        """Items of some scenes, from a listing of their three modality folders."""
+        listed = find_all(self.fs, [sc.folder(self.root, mod) for sc in scenes for mod in MODALITIES])
         items, rejects = [], []
-        for roi, scene, wanted, list_path in scenes:
+        for sc in scenes:
             files: dict[str, dict[str, str]] = defaultdict(dict)
             for mod in MODALITIES:
-                folder = f"{self.root}/{roi}/{mod}_{scene}"
+                folder = sc.folder(self.root, mod)
                 for name in listed[folder]:
                     m = _NAME.match(name)  # a file directly in the folder, named for this folder's season and scene
-                    if m and m["roi"] == roi and m["mod"] == mod and int(m["scene"]) == scene:
-                        files[patch_id(roi, scene, m["patch"])][mod] = f"{folder}/{name}"
-            for pid in sorted(set(files if wanted is None else wanted), key=_natural):
+                    if m and m["roi"] == sc.roi and m["mod"] == mod and int(m["scene"]) == sc.number:
+                        files[patch_id(sc.roi, sc.number, m["patch"])][mod] = f"{folder}/{name}"
+            for pid in sorted(set(files if sc.wanted is None else sc.wanted), key=_natural):
                 have = files.get(pid, {})
                 missing = [m for m in MODALITIES if m not in have]
                 if missing:
-                    at = have.get("s2") or next(iter(have.values()), list_path or self.root)
+                    at = have.get("s2") or next(iter(have.values()), sc.list_path or self.root)
                     rejects.append(Rejection(self.url(at), pid, MISSING_PARTNER,
                                              f"no {', '.join(missing)} file for this patch", make_key(pid)))
                     continue
@@ -200,15 +217,17 @@ class SEN12MS(Source):
         # each: the plan order is the patches' natural order.
         lists = self._split_lists()
         rejects: list[Rejection] = []
+        found = self._scenes()
         if lists:
             listed, rejects = self._listed(lists[split])
             by_scene: dict[tuple[str, int], list[str]] = defaultdict(list)
             for pid in listed:
-                roi, scene, _ = _natural(pid)
-                by_scene[(roi, scene)].append(pid)
-            scenes = [(roi, scene, by_scene[(roi, scene)], lists[split]) for roi, scene in sorted(by_scene)]
+                roi, number, _ = _natural(pid)
+                by_scene[(roi, number)].append(pid)
+            scenes = [Scene(roi, number, found.get((roi, number), {}), tuple(pids), lists[split])
+                      for (roi, number), pids in sorted(by_scene.items())]
         else:
-            scenes = [(roi, scene, None, None) for roi, scene in self._scenes()]
+            scenes = [Scene(roi, number, folders) for (roi, number), folders in found.items()]
         items = PlannedItems()
         for its, rej in map_fn(self.inventory_scenes, groups(scenes, SCENES_PER_TASK)):
             items.add(its)

@@ -112,6 +112,9 @@ def test_listing_helpers_on_a_local_tree(tmp_path):
     assert subfolders(fs, str(tmp_path)) == ["a", "b"] and subfolders(fs, str(tmp_path / "nope")) == []
     assert find_all(fs, [str(tmp_path / "a"), str(tmp_path / "nope")]) == {
         str(tmp_path / "a"): ["2.tif", "x/1.tif"], str(tmp_path / "nope"): []}
+    # a URL with its protocol names the same folders
+    assert subfolders(fs, f"file://{tmp_path}") == ["a", "b"]
+    assert find_all(fs, [f"file://{tmp_path}/a"]) == {f"file://{tmp_path}/a": ["2.tif", "x/1.tif"]}
     assert list(groups(range(5), 2)) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="at least one"):
         list(groups([1], 0))
@@ -143,3 +146,27 @@ def test_listing_an_object_store_that_fails_now_and_then(archives, source, s3_bu
     # s3fs keeps every listing for the life of its filesystem object (shared within a process): listed folders
     # are forgotten at once, or a Ray worker listing millions of files would hold ~1 KB for each
     assert cached == []
+
+
+def test_sen12ms_scene_folders_are_listed_under_their_own_names(archives, tmp_path):
+    """A scene folder named with leading zeros ('s1_00123') is scene 123: found under its own name, with and without
+    split lists, never dropped."""
+    root, expected = archives["sen12ms"]
+    padded = tmp_path / "padded"
+    shutil.copytree(root, padded)
+    season = next(p for p in sorted(padded.iterdir()) if p.is_dir())
+    renamed = 0
+    for folder in sorted(season.iterdir()):
+        mod, number = folder.name.split("_")
+        folder.rename(season / f"{mod}_{int(number):05d}")
+        renamed += 1
+    assert renamed == 3
+    for split, (keys, rejected) in expected.items():
+        items, rejects, _ = _plan("sen12ms", str(padded), split)
+        assert [k for k, _, _ in items] == keys and sorted(k for _, k, _ in rejects) == sorted(rejected)
+    for name in sen12ms.SPLIT_FILES.values():
+        (padded / name).unlink(missing_ok=True)
+        (padded / "splits" / name).unlink(missing_ok=True)
+    items, rejects, _ = _plan("sen12ms", str(padded), "train")
+    every = sorted(k for keys, _ in expected.values() for k in keys)
+    assert sorted(k for k, _, _ in items) == every and len(rejects) == 1
