@@ -18,6 +18,7 @@ subprocess wall clock is reported beside it. MB are decoded sample bytes
 (s1.nbytes + s2.nbytes, 10^6 bytes), the same for every row.
 
     python bench/bench_preprocess.py                       # ssl4eo-zarr, ~1 min on 2 cores
+    python bench/bench_preprocess.py --source ssl4eo-wds                  # the WebDataset release
     python bench/bench_preprocess.py --source ssl4eo-tiff --samples 384
     python bench/bench_preprocess.py --s3 --json bench/results/preprocess.json
 """
@@ -48,7 +49,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import S3_ENV, hardware, load_average, moto_server, print_header, s3_bucket, write_json  # noqa: E402
 from pipeline.sources import SOURCES, Rejection, SourceOptions  # noqa: E402
-from pipeline.synthetic import make_ssl4eo_tiff, make_ssl4eo_zarr  # noqa: E402
+from pipeline.synthetic import make_ssl4eo_tiff, make_ssl4eo_wds, make_ssl4eo_zarr  # noqa: E402
 
 SIZE = 264  # px per side at 10 m, as in SSL4EO-S12
 SEASONS = 4  # samples per location in both SSL4EO layouts (one per season)
@@ -69,6 +70,13 @@ def make_archive(source: str, root: Path, samples: int) -> dict[str, Any]:
         make_ssl4eo_zarr(root, splits={"train": n_files}, samples_per_file=per_file, size=SIZE,
                          products=("S1GRD", "S2L1C"))
         return {"locations": n_files * per_file, "files": 2 * n_files, "locations_per_file": per_file}
+    if source == "ssl4eo-wds":
+        n_tars = math.ceil(locations / LOCATIONS_PER_ZARR_FILE)
+        per_tar = math.ceil(locations / n_tars)
+        # S1GRD and S2L1C tars only (what the default reader options open); one zipped Zarr member per location
+        make_ssl4eo_wds(root, splits={"train": n_tars}, samples_per_shard=per_tar, size=SIZE,
+                        products=("S1GRD", "S2L1C"))
+        return {"locations": n_tars * per_tar, "files": 2 * n_tars, "locations_per_file": per_tar}
     if source == "ssl4eo-tiff":
         make_ssl4eo_tiff(root, n_locations=locations, size=SIZE)
         return {"locations": locations, "files": locations * SEASONS * (2 + 13)}
@@ -190,10 +198,10 @@ def rates(samples: int, seconds: float, bytes_per_sample: float, workers: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="ssl4eo-zarr", choices=["ssl4eo-zarr", "ssl4eo-tiff"])
+    parser.add_argument("--source", default="ssl4eo-zarr", choices=["ssl4eo-zarr", "ssl4eo-wds", "ssl4eo-tiff"])
     parser.add_argument("--samples", type=int, default=None,
-                        help="samples to generate (locations x 4 seasons); default 768 for ssl4eo-zarr, "
-                             "384 for ssl4eo-tiff (~1 min in all on 2 cores)")
+                        help="samples to generate (locations x 4 seasons); default 768 for ssl4eo-zarr and "
+                             "ssl4eo-wds, 384 for ssl4eo-tiff (~1 min in all on 2 cores)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="job runs, one per value; scaling is against the first")
     parser.add_argument("--shard-size-mb", type=float, default=64.0,
@@ -211,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeat < 1 or (args.samples is not None and args.samples < 1) or min(args.workers) < 1:
         parser.error("--repeat, --samples and --workers must be >= 1")
-    samples_wanted = args.samples or {"ssl4eo-zarr": 768, "ssl4eo-tiff": 384}[args.source]
+    samples_wanted = args.samples or {"ssl4eo-zarr": 768, "ssl4eo-wds": 768, "ssl4eo-tiff": 384}[args.source]
 
     load_before = load_average()
     work = Path(tempfile.mkdtemp(prefix="fusmae-bench-preprocess-", dir=args.tmpdir))
