@@ -48,6 +48,7 @@ import numpy as np
 
 from pipeline.sources.base import date_from_name
 from pipeline.sources.ssl4eo_zarr import canonical_band
+from pipeline.sources.zarr_v2 import ArrayReader
 
 MEMBER_EXT = "zarr.zip"
 """Extension of a location's member in the tars (webdataset splits the key at the first dot)."""
@@ -63,14 +64,16 @@ CLOUD_MASK = "cloud_mask"
 
 def open_member(data: bytes):
     """An xarray Dataset over the zipped Zarr v2 store in ``data`` (read into memory, no temp file)."""
+    return _open(_entries(data))
+
+
+def _open(entries: dict[str, bytes]):
     import xarray as xr
     import zarr
     from zarr.core.buffer import default_buffer_prototype
 
     to_buffer = default_buffer_prototype().buffer.from_bytes
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        entries = {name: to_buffer(zf.read(name)) for name in zf.namelist() if not name.endswith("/")}
-    store = zarr.storage.MemoryStore(store_dict=entries, read_only=True)
+    store = zarr.storage.MemoryStore(store_dict={k: to_buffer(v) for k, v in entries.items()}, read_only=True)
     return xr.open_zarr(store, consolidated=True, chunks=None, zarr_format=2)
 
 
@@ -99,8 +102,45 @@ class Location:
 
 
 def decode_member(data: bytes) -> Location:
-    """The location in one ``<key>.zarr.zip`` member. Raises on anything that is not such a store."""
-    ds = open_member(data)
+    """The location in one ``<key>.zarr.zip`` member. Raises on anything that is not such a store.
+
+    Read directly (`pipeline.sources.zarr_v2`, ~5x faster) where the store allows it, through xarray otherwise;
+    both give the same `Location` (tested on every member layout the tests generate)."""
+    entries = _entries(data)
+    try:
+        return _decode_direct(ArrayReader(entries))
+    except Exception:  # Unsupported, or a damaged store: xarray reads it, or says what is wrong, as it always did
+        return _decode_xarray(_open(entries))
+
+
+def _entries(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {name: zf.read(name) for name in zf.namelist() if not name.endswith("/")}
+
+
+def _decode_direct(store: ArrayReader) -> Location:
+    if BANDS not in store:
+        raise KeyError(BANDS)
+    bands = store.read(BANDS)
+    dims = store.attrs(BANDS).get("_ARRAY_DIMENSIONS")
+    if bands.ndim != 4:
+        raise ValueError(f"'{BANDS}' has dims {tuple(dims or bands.shape)}, expected (time, band, y, x)")
+    ntime = bands.shape[0]
+    names = [canonical_band(v) for v in store.read(BAND)] if BAND in store else []
+    file_ids = _per_time_values(store.read(FILE_ID) if FILE_ID in store else None, ntime, _text)
+    stored = _per_time_values(store.read(TIME, time=True) if TIME in store else None, ntime, _iso)
+    return Location(
+        bands=bands,
+        band_names=names,
+        times=[(date_from_name(f) if f else None) or t for f, t in zip(file_ids, stored)],
+        file_ids=file_ids,
+        lat=_scalar_value(store.read(CENTER_LAT) if CENTER_LAT in store else None),
+        lon=_scalar_value(store.read(CENTER_LON) if CENTER_LON in store else None),
+        crs=_crs(store.read(CRS)) if CRS in store else None,
+    )
+
+
+def _decode_xarray(ds) -> Location:
     bands = np.asarray(ds[BANDS].values)
     if bands.ndim != 4:
         raise ValueError(f"'{BANDS}' has dims {ds[BANDS].dims}, expected (time, band, y, x)")
@@ -120,16 +160,24 @@ def decode_member(data: bytes) -> Location:
 
 
 def _per_time(ds, name: str, ntime: int, convert) -> list[Optional[Any]]:
-    if name not in ds.variables:
+    return _per_time_values(ds[name].values if name in ds.variables else None, ntime, convert)
+
+
+def _per_time_values(values: Optional[np.ndarray], ntime: int, convert) -> list[Optional[Any]]:
+    if values is None:
         return [None] * ntime
-    values = np.atleast_1d(ds[name].values)
+    values = np.atleast_1d(values)
     return [convert(values[t]) if t < values.size else None for t in range(ntime)]
 
 
 def _scalar(ds, name: str) -> Optional[float]:
-    if name not in ds.variables:
+    return _scalar_value(ds[name].values if name in ds.variables else None)
+
+
+def _scalar_value(values: Optional[np.ndarray]) -> Optional[float]:
+    if values is None:
         return None
-    value = float(np.ravel(ds[name].values)[0])  # a scalar, or the same value per time step
+    value = float(np.ravel(values)[0])  # a scalar, or the same value per time step
     return value if np.isfinite(value) else None
 
 
