@@ -21,10 +21,7 @@ v1.1 has 3,846 Zarr files per modality of 64 locations x 4 seasons (~985k sample
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,29 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import S3_ENV, hardware, load_average, moto_server, print_header, s3_bucket, write_json  # noqa: E402
+from common import (hardware, load_average, moto_server, plan_only_job, print_header,  # noqa: E402
+                    upload_archive, write_json)
 from pipeline.sources import SOURCES, SourceOptions  # noqa: E402
 from pipeline.synthetic import make_ssl4eo_zarr  # noqa: E402
 
-_PLANNED = re.compile(r"planned (\d+) samples in (\d+) shards .* in ([\d.]+)s; the driver keeps ([\d.]+) MB")
 SEASONS = 4
 FULL_FILES_PER_MODALITY = 3846  # SSL4EO-S12 v1.1 (DLR-MF-DAS/SSL4EO-S12-v1.1 README)
 FULL_LOCATIONS_PER_FILE = 64
 
 
 def plan_job(input_url: str, output: Path, workers: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pipeline.preprocess", "--source", "ssl4eo-zarr", "--input", input_url,
-           "--output", str(output), "--workers", str(workers), "--no-progress",
-           "--plan-only"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    planned = _PLANNED.search(proc.stdout)
-    if proc.returncode != 0 or planned is None:
-        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
-                 f"\n--- stderr\n{proc.stderr[-5000:]}")
-    return {"workers": workers, "samples": int(planned[1]), "shards": int(planned[2]),
-            "plan_seconds": float(planned[3]), "wall_seconds": wall, "driver_mb": float(planned[4])}
+    return plan_only_job("ssl4eo-zarr", input_url, output, workers)
 
 
 def plan_in_process(input_url: str) -> dict[str, Any]:
@@ -105,14 +91,7 @@ def main() -> None:
                          seed=0, products=("S1GRD", "S2L1C"))
         generate_s = time.perf_counter() - start
         with moto_server(work / "moto.log") as endpoint:
-            os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-            import s3fs
-
-            bucket = s3_bucket(endpoint)
-            start = time.perf_counter()
-            s3fs.S3FileSystem().put(str(work / "archive") + "/", f"{bucket}/archive", recursive=True)
-            upload_s = time.perf_counter() - start
-            input_url = f"{bucket}/archive"
+            input_url, upload_s = upload_archive(endpoint, work / "archive")
             local = plan_in_process(input_url)
             jobs = [plan_job(input_url, work / f"out-{w}", w) for w in args.workers]
     for job in jobs:

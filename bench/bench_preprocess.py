@@ -274,6 +274,10 @@ def main() -> None:
             job.update(rates(job["samples"], job["job_seconds"], bytes_per_sample, workers))
             job["wall_samples_per_s"] = job["samples"] / job["wall_seconds"]
             job["over_floor_per_worker"] = job["samples_per_s_per_worker"] / floor["samples_per_s"]
+            if job["plan_seconds"] is not None and job["job_seconds"] > job["plan_seconds"]:
+                # the steady state of a long job: the shard tasks alone, planning (a fixed cost) left out
+                shard_sps = job["samples"] / (job["job_seconds"] - job["plan_seconds"])
+                job["shard_phase_over_floor_per_worker"] = shard_sps / workers / floor["samples_per_s"]
             jobs.append(job)
         for target, _ in targets:
             same = [j for j in jobs if j["target"] == target]
@@ -295,23 +299,27 @@ def main() -> None:
 
     print_header(f"Preprocessing throughput: {args.source}, job vs read-only floor", setup, hw)
     print("| run | output | workers | wall s | job s | samples/s | MB/s | samples/s/worker | MB/s/worker "
-          "| per worker / floor |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| per worker / floor | shard phase, per worker / floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| floor: plan + read, one process | none | 1 | {floor['read_seconds']:.2f} | – "
           f"| {floor['samples_per_s']:.1f} | {floor['mb_per_s']:.0f} | {floor['samples_per_s']:.1f} "
-          f"| {floor['mb_per_s']:.0f} | 1.00 |")
+          f"| {floor['mb_per_s']:.0f} | 1.00 | – |")
     print(f"| shard tasks (build_shard), one process, no Ray | local | 1 | {tasks['seconds']:.2f} | – "
           f"| {tasks['samples_per_s']:.1f} | {tasks['mb_per_s']:.0f} | {tasks['samples_per_s']:.1f} "
-          f"| {tasks['mb_per_s']:.0f} | {tasks['samples_per_s'] / floor['samples_per_s']:.2f} |")
+          f"| {tasks['mb_per_s']:.0f} | {tasks['samples_per_s'] / floor['samples_per_s']:.2f} | – |")
     for j in jobs:
+        phase = j.get("shard_phase_over_floor_per_worker")
         print(f"| preprocess | {j['target']} | {j['workers']} | {j['wall_seconds']:.2f} | {j['job_seconds']:.2f} "
               f"| {j['samples_per_s']:.1f} | {j['mb_per_s']:.0f} | {j['samples_per_s_per_worker']:.1f} "
-              f"| {j['mb_per_s_per_worker']:.0f} | {j['over_floor_per_worker']:.2f} |")
+              f"| {j['mb_per_s_per_worker']:.0f} | {j['over_floor_per_worker']:.2f} "
+              f"| {'–' if phase is None else f'{phase:.2f}'} |")
     print(f"\nFloor: planning took {floor['plan_seconds']:.2f} s (not in the floor's wall s, which is the read "
           f"loop only); the read loop kept {floor['cores_busy']:.2f} cores busy (CPU time of all its threads / "
           f"wall), so per worker / floor compares one worker with that. Job s is the manifest's run.seconds: "
           f"planning (on Ray) plus the shard tasks, without interpreter start, imports and ray.init; the jobs' "
-          f"throughputs are computed from it. Wall s is the subprocess's whole life."
+          f"throughputs are computed from it. Wall s is the subprocess's whole life. The shard phase leaves "
+          f"planning out of run.seconds: a fixed cost here (Ray worker start and imports, ~1-2 s), a small share "
+          f"of a long job's."
           + (f" Each row is the fastest of {args.repeat} runs (all in --json)." if args.repeat > 1 else ""))
     print(f"- shard tasks: what one worker does (read, check, statistics, tar, sha256, the progress record) on the "
           f"job's {tasks['shards']} shards, in this process after a {tasks['warm_up_seconds']:.1f} s warm-up task "

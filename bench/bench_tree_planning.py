@@ -23,9 +23,6 @@ the table.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,12 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import S3_ENV, hardware, load_average, moto_server, print_header, s3_bucket, write_json  # noqa: E402
+from common import (hardware, load_average, moto_server, plan_only_job, print_header,  # noqa: E402
+                    upload_archive, write_json)
 from pipeline.sources import SOURCES, SourceOptions, bigearthnet  # noqa: E402
 from pipeline.sources.listing import subfolders  # noqa: E402
 from pipeline.synthetic import make_bigearthnet  # noqa: E402
 
-_PLANNED = re.compile(r"planned (\d+) samples in (\d+) shards .* in ([\d.]+)s; the driver keeps ([\d.]+) MB")
 FULL_PATCHES = 549_488  # reBEN (rsim-tu-berlin, BigEarthNet v2.0 dataset page)
 FILES_PER_PATCH = 12 + 2  # 12 L2A bands + VV, VH
 
@@ -64,18 +61,7 @@ def measured(fn: Callable[[], Any]) -> tuple[Any, float, int]:
 
 
 def plan_job(input_url: str, output: Path, workers: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pipeline.preprocess", "--source", "bigearthnet", "--input", input_url,
-           "--output", str(output), "--split", "train", "--workers", str(workers), "--no-progress",
-           "--plan-only"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    planned = _PLANNED.search(proc.stdout)
-    if proc.returncode != 0 or planned is None:
-        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
-                 f"\n--- stderr\n{proc.stderr[-5000:]}")
-    return {"workers": workers, "samples": int(planned[1]), "shards": int(planned[2]),
-            "plan_seconds": float(planned[3]), "wall_seconds": wall, "driver_mb": float(planned[4])}
+    return plan_only_job("bigearthnet", input_url, output, workers, "--split", "train")
 
 
 def main() -> None:
@@ -95,14 +81,7 @@ def main() -> None:
         generate_s = time.perf_counter() - start
         files = sum(1 for p in (work / "archive").rglob("*") if p.is_file())
         with moto_server(work / "moto.log") as endpoint:
-            os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-            import s3fs
-
-            bucket = s3_bucket(endpoint)
-            start = time.perf_counter()
-            s3fs.S3FileSystem().put(str(work / "archive") + "/", f"{bucket}/archive", recursive=True)
-            upload_s = time.perf_counter() - start
-            input_url = f"{bucket}/archive"
+            input_url, upload_s = upload_archive(endpoint, work / "archive")
             source = SOURCES["bigearthnet"](input_url, SourceOptions())
             fs, root = source.fs, source.root
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -160,3 +162,34 @@ def make_shards(work: Path, locations: int, size: int) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"pipeline.preprocess exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return shards / "manifest.json"
+
+
+_PLANNED = re.compile(r"planned (\d+) samples in (\d+) shards .* in ([\d.]+)s; the driver keeps ([\d.]+) MB")
+
+
+def plan_only_job(source: str, input_url: str, output: Path, workers: int, *args: str) -> dict[str, Any]:
+    """``python -m pipeline.preprocess --plan-only`` as a user runs it; what its "planned ..." line says
+    (samples, shards, planning seconds, MB the driver keeps) and its wall clock. Exits on a failed run."""
+    cmd = [sys.executable, "-m", "pipeline.preprocess", "--source", source, "--input", input_url,
+           "--output", str(output), "--workers", str(workers), "--no-progress", "--plan-only", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    planned = _PLANNED.search(proc.stdout)
+    if proc.returncode != 0 or planned is None:
+        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+                 f"\n--- stderr\n{proc.stderr[-5000:]}")
+    return {"workers": workers, "samples": int(planned[1]), "shards": int(planned[2]),
+            "plan_seconds": float(planned[3]), "wall_seconds": wall, "driver_mb": float(planned[4])}
+
+
+def upload_archive(endpoint: str, folder: Path) -> tuple[str, float]:
+    """``folder`` copied into a fresh bucket of the S3 server at ``endpoint`` (this process's environment set to
+    reach it as AWS): its URL 's3://<bucket>/archive' and the seconds the upload took."""
+    import s3fs
+
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    url = f"{s3_bucket(endpoint)}/archive"
+    start = time.perf_counter()
+    s3fs.S3FileSystem().put(str(folder) + "/", url, recursive=True)
+    return url, time.perf_counter() - start

@@ -227,6 +227,18 @@ class PlannedItems(Sequence):
         return sorted(found, key=lambda x: x[0])
 
 
+def gathered(results: Iterable[tuple[Any, list[Rejection]]],
+             rejections: Sequence[Rejection] = ()) -> tuple[PlannedItems, list[Rejection]]:
+    """The inventory jobs' results (what ``map_fn`` returns: per job, its items and rejections) as one plan, in
+    job order, after ``rejections`` found before the jobs ran."""
+    items = PlannedItems()
+    rejects = list(rejections)
+    for its, rej in results:
+        items.add(its)
+        rejects.extend(rej)
+    return items, rejects
+
+
 def as_planned(items: Union[PlannedItems, Sequence[WorkItem]]) -> PlannedItems:
     return items if isinstance(items, PlannedItems) else PlannedItems([list(items)])
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.inventory import PlannedItems
+from pipeline.inventory import PlannedItems, gathered
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     BAD_LABELS,
@@ -198,12 +198,7 @@ class BigEarthNet(Source):
             raise FileNotFoundError(f"{self.input_url}: no patch folders under {S2_ROOT}/ or {S1_ROOT}/")
         table = self._metadata()
         rows = table.filter(pc.equal(table["split"], split)).sort_by("patch_id")
-        items = PlannedItems()
-        rejects: list[Rejection] = []
-        for its, rej in map_fn(self.inventory_patches, _row_groups(rows, PATCHES_PER_TASK)):
-            items.add(its)
-            rejects.extend(rej)
-        return items, rejects
+        return gathered(map_fn(self.inventory_patches, _row_groups(rows, PATCHES_PER_TASK)))
 
     def inventory_patches(self, rows: Sequence[tuple[str, Optional[str], Optional[list[str]]]]
                           ) -> tuple[list[WorkItem], list[Rejection]]:

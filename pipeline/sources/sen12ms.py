@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from pipeline.inventory import PlannedItems
+from pipeline.inventory import PlannedItems, gathered
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     BAD_LABELS,
@@ -228,11 +228,7 @@ class SEN12MS(Source):
                       for (roi, number), pids in sorted(by_scene.items())]
         else:
             scenes = [Scene(roi, number, folders) for (roi, number), folders in found.items()]
-        items = PlannedItems()
-        for its, rej in map_fn(self.inventory_scenes, groups(scenes, SCENES_PER_TASK)):
-            items.add(its)
-            rejects.extend(rej)
-        return items, rejects
+        return gathered(map_fn(self.inventory_scenes, groups(scenes, SCENES_PER_TASK)), rejects)
 
     def _listed(self, path: str) -> tuple[list[str], list[Rejection]]:
         """Patch ids of one split list (lines name an s1, s2 or lc file); unparseable lines become rejections."""

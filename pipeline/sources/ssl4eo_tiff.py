@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 
-from pipeline.inventory import PlannedItems
+from pipeline.inventory import PlannedItems, gathered
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
@@ -71,12 +71,7 @@ class SSL4EOTiff(Source):
                            | set(subfolders(self.fs, f"{self.root}/{self.s2_dir}")))
         if not locations:
             raise FileNotFoundError(f"{self.input_url}: no location folders under {S1_DIR}/ or {self.s2_dir}/")
-        items = PlannedItems()
-        rejects: list[Rejection] = []
-        for its, rej in map_fn(self.inventory_locations, groups(locations, LOCATIONS_PER_TASK)):
-            items.add(its)
-            rejects.extend(rej)
-        return items, rejects
+        return gathered(map_fn(self.inventory_locations, groups(locations, LOCATIONS_PER_TASK)))
 
     def inventory_locations(self, locations: Sequence[str]) -> tuple[list[WorkItem], list[Rejection]]:
         """The pairs of some locations, from a listing of their folders in both modalities."""

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from pipeline.inventory import PlannedItems
+from pipeline.inventory import gathered
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
@@ -217,11 +217,8 @@ class SSL4EOZarr(Source):
                 have = next(iter(pairs[num].values()))
                 rejects.append(Rejection(self.url(have), None, MISSING_PARTNER,
                                          f"no {S1_PRODUCT} and no {self.s2_folder} file with number {num}"))
-        items = PlannedItems()  # each pair's items stay where its inventory task ran (pipeline.inventory)
-        for its, rej in map_fn(self.inventory_pair, jobs):
-            items.add(its)
-            rejects.extend(rej)
-        return items, rejects
+        # each pair's items stay where its inventory task ran (pipeline.inventory)
+        return gathered(map_fn(self.inventory_pair, jobs), rejects)
 
     def inventory_pair(self, job: tuple[str, str, str]) -> tuple[list[WorkItem], list[Rejection]]:
         """Sample ids, times and metadata of one S1/S2 file pair, read from the Zarr metadata and coordinates."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from pipeline.inventory import PlannedItems
+from pipeline.inventory import PlannedItems, gathered
 from pipeline.shards import Sample, make_key
 from pipeline.sources.base import (
     MISSING_PARTNER,
@@ -147,12 +147,8 @@ class ZarrWebDataset(Source):
                 raise missing_product_error(f"{redact_url(self.input_url)}/{split}", folder, found, why)
         jobs = [(name, folders.get(self.s1_folder(name)), folders.get(self.s2_folder))
                 for name, folders in sorted(shards.items())]
-        items = PlannedItems()  # each tar pair's items stay where its inventory task ran (pipeline.inventory)
-        rejects: list[Rejection] = []
-        for its, rej in map_fn(self.inventory_shard, [j for j in jobs if j[1] or j[2]]):
-            items.add(its)
-            rejects.extend(rej)
-        return self._unique(items, rejects)
+        # each tar pair's items stay where its inventory task ran (pipeline.inventory)
+        return self._unique(*gathered(map_fn(self.inventory_shard, [j for j in jobs if j[1] or j[2]])))
 
     def _unique(self, items: PlannedItems, rejects: list[Rejection]) -> tuple[PlannedItems, list[Rejection]]:
         """Items with keys seen before in the split go to quarantine (a shard key must be unique); found from the
