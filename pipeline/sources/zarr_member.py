@@ -128,7 +128,7 @@ def _decode_direct(store: ArrayReader) -> Location:
     ntime = bands.shape[0]
     names = [canonical_band(v) for v in store.read(BAND)] if BAND in store else []
     file_ids = _per_time_values(store.read(FILE_ID) if FILE_ID in store else None, ntime, _text)
-    stored = _per_time_values(store.read(TIME, time=True) if TIME in store else None, ntime, _iso)
+    stored = _per_time_values(store.read(TIME) if TIME in store else None, ntime, _iso)
     return Location(
         bands=bands,
         band_names=names,

@@ -10,12 +10,14 @@ out (``.zmetadata``'s ``metadata``: ``<name>/.zarray`` with shape, chunks, dtype
 filters, fill_value, order, dimension_separator; chunk ``<name>/<i>.<j>...``), with
 numcodecs, zarr's own codec library, doing every decompression.
 
-It reads only what it can read exactly as xarray's zarr backend would (`ArrayReader.read`):
-anything else (filters, object dtypes, a missing chunk, an attribute that xarray would
-decode: scale_factor, add_offset, _FillValue, missing_value, or a fill_value other than a
-float array's NaN, which xarray would mask) raises `Unsupported`, and the caller opens the member with xarray
-instead. ``time``'s CF encoding (``units``, ``calendar``) is decoded by xarray's own
-`decode_cf_datetime`.
+It reads only stores it can read exactly as xarray's zarr backend would (`ArrayReader`, which checks
+the whole store on opening, as xarray does): anything else (filters, object or character
+dtypes, a missing chunk, arrays without dimension names or with conflicting sizes, an
+attribute that xarray would decode: scale_factor, add_offset, _FillValue, missing_value, time
+units on another array than ``time``, or a fill_value other than a float array's NaN, which
+xarray would mask) raises `Unsupported`, and the caller opens the member with xarray instead.
+Values come back in native byte order, as xarray gives them; ``time``'s CF encoding
+(``units``, ``calendar``) is decoded by xarray's own `decode_cf_datetime`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+_TIME = "time"
+"""The one array whose CF time encoding is decoded here (as xarray decodes it)."""
 _DECODED_BY_XARRAY = ("scale_factor", "add_offset", "_FillValue", "missing_value", "_Unsigned", "_Encoding", "dtype")
 """Attributes under which xarray's CF decoding would change an array's values or dtype."""
 
@@ -36,7 +40,13 @@ class Unsupported(Exception):
 
 
 class ArrayReader:
-    """The arrays of one consolidated Zarr v2 store held as ``{key: bytes}``."""
+    """The arrays of one consolidated Zarr v2 store held as ``{key: bytes}``.
+
+    The whole store is checked when it is opened, as xarray checks it: every array's metadata must be one this
+    reader reads exactly as xarray would, every array must name its dimensions (``_ARRAY_DIMENSIONS``, one per
+    axis) with the same size for a dimension wherever it appears, and the index coordinates (an array named
+    after its only dimension: ``time``, ``band``, ``x``, ``y``) are decoded, since xarray loads them on opening.
+    Anything else raises `Unsupported` (or the codec's own error), so that xarray judges the store."""
 
     def __init__(self, entries: Mapping[str, bytes]):
         self.entries = entries
@@ -45,28 +55,43 @@ class ArrayReader:
             self.meta: dict[str, Any] = consolidated["metadata"]
         except (KeyError, ValueError, TypeError) as err:
             raise Unsupported(f"no consolidated metadata ({type(err).__name__}: {err})") from err
+        self._specs = {k[: -len("/.zarray")]: self._spec(k[: -len("/.zarray")])
+                       for k in self.meta if k.endswith("/.zarray")}
+        sizes: dict[str, int] = {}
+        for name, spec in self._specs.items():
+            dims = self.attrs(name).get("_ARRAY_DIMENSIONS")
+            if not isinstance(dims, list) or len(dims) != len(spec["shape"]):
+                raise Unsupported(f"{name}: _ARRAY_DIMENSIONS {dims!r} for shape {spec['shape']}")
+            for dim, size in zip(dims, spec["shape"]):
+                if sizes.setdefault(dim, size) != size:
+                    raise Unsupported(f"dimension {dim!r} has sizes {sizes[dim]} and {size}")
+        self._cache: dict[str, np.ndarray] = {}
+        for name in self._specs:
+            if self.attrs(name)["_ARRAY_DIMENSIONS"] == [name]:
+                self.read(name)
 
     def __contains__(self, name: str) -> bool:
-        return f"{name}/.zarray" in self.meta
+        return name in self._specs
 
     def attrs(self, name: str) -> dict[str, Any]:
         return dict(self.meta.get(f"{name}/.zattrs", {}))
 
-    def read(self, name: str, time: bool = False) -> np.ndarray:
-        """The whole array ``name`` as stored (shape, dtype), or as datetime64[ns] when ``time`` (CF ``units``)."""
+    def _spec(self, name: str) -> dict[str, Any]:
+        """The array's metadata, checked: `Unsupported` for what xarray would read otherwise than this reader."""
         import numcodecs
 
-        zarray = self.meta.get(f"{name}/.zarray")
-        if zarray is None:
-            raise KeyError(name)
+        zarray = self.meta[f"{name}/.zarray"]
         if zarray.get("zarr_format") != 2:
             raise Unsupported(f"{name}: zarr_format {zarray.get('zarr_format')}")
         attrs = self.attrs(name)
-        cf = {k for k in attrs if k in _DECODED_BY_XARRAY}
-        if cf or (not time and ("units" in attrs and "since" in str(attrs["units"]))):
-            raise Unsupported(f"{name}: attributes {sorted(cf) or ['units']} are decoded by xarray")
-        dtype = np.dtype(zarray["dtype"]) if not isinstance(zarray["dtype"], list) else None
-        if dtype is None or dtype.hasobject or dtype.fields is not None:
+        cf = sorted(k for k in attrs if k in _DECODED_BY_XARRAY)
+        if cf:
+            raise Unsupported(f"{name}: attributes {cf} are decoded by xarray")
+        if "since" in str(attrs.get("units", "")) and name != _TIME:
+            raise Unsupported(f"{name}: units {attrs['units']!r} are decoded by xarray as times")
+        dtype = np.dtype(zarray["dtype"]) if isinstance(zarray["dtype"], str) else None
+        if dtype is None or dtype.hasobject or dtype.fields is not None or dtype == np.dtype("S1"):
+            # S1: xarray joins the last axis of a character array into strings
             raise Unsupported(f"{name}: dtype {zarray['dtype']}")
         fill = zarray.get("fill_value")
         if fill is not None and not (dtype.kind in "fc" and _is_nan(fill)):
@@ -77,13 +102,23 @@ class ArrayReader:
         order = zarray.get("order", "C")
         if order not in ("C", "F"):
             raise Unsupported(f"{name}: order {order}")
-        shape, chunks = tuple(zarray["shape"]), tuple(zarray["chunks"])
-        sep = zarray.get("dimension_separator") or "."
         codec = numcodecs.get_codec(zarray["compressor"]) if zarray.get("compressor") else None
-        out = np.empty(shape, dtype)
+        return {"shape": tuple(zarray["shape"]), "chunks": tuple(zarray["chunks"]), "dtype": dtype, "order": order,
+                "sep": zarray.get("dimension_separator") or ".", "codec": codec}
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole array ``name``: its shape, its dtype in native byte order (as xarray gives it); ``time``
+        decoded to datetime64 from its CF ``units`` and ``calendar``."""
+        if name in self._cache:
+            return self._cache[name]
+        if name not in self._specs:
+            raise KeyError(name)
+        spec = self._specs[name]
+        shape, chunks, dtype, codec = spec["shape"], spec["chunks"], spec["dtype"], spec["codec"]
+        out = np.empty(shape, dtype.newbyteorder("="))
         grid = [range(math.ceil(s / c)) if c else range(1) for s, c in zip(shape, chunks)]
         for index in itertools.product(*grid) if shape else [()]:
-            key = f"{name}/{sep.join(str(i) for i in index) if index else '0'}"
+            key = f"{name}/{spec['sep'].join(str(i) for i in index) if index else '0'}"
             raw = self.entries.get(key)
             if raw is None:
                 raise Unsupported(f"{name}: chunk {key} is missing (the fill value would stand in)")
@@ -91,11 +126,12 @@ class ArrayReader:
             chunk = np.frombuffer(data, dtype)
             if chunk.size != math.prod(chunks):
                 raise ValueError(f"{key}: {chunk.size} values, expected {math.prod(chunks)} for chunks {chunks}")
-            chunk = chunk.reshape(chunks, order=order)
+            chunk = chunk.reshape(chunks, order=spec["order"])
             where = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
             out[where] = chunk[tuple(slice(0, w.stop - w.start) for w in where)]
-        if time:
-            return _datetimes(out, attrs)
+        if name == _TIME:
+            out = _datetimes(out, self.attrs(name))
+        self._cache[name] = out
         return out
 
 
@@ -108,12 +144,13 @@ def _is_nan(value: Any) -> bool:
 
 
 def _datetimes(values: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
-    """datetime64[ns] of CF-encoded times (``units`` 'nanoseconds since 1970-01-01', ``calendar``), by xarray."""
+    """datetime64 of CF-encoded times (``units`` 'nanoseconds since 1970-01-01', ``calendar``), decoded by
+    xarray's own function; stored datetime64 values as they are (in their unit: no overflow into nanoseconds)."""
     from xarray.coding.times import decode_cf_datetime
 
-    units: Optional[str] = attrs.get("units")
     if values.dtype.kind == "M":
-        return values.astype("datetime64[ns]")
+        return values
+    units: Optional[str] = attrs.get("units")
     if not units or "since" not in units:
         raise Unsupported(f"times without CF units ({units!r})")
-    return np.asarray(decode_cf_datetime(values, units, attrs.get("calendar", "standard"))).astype("datetime64[ns]")
+    return np.asarray(decode_cf_datetime(values, units, attrs.get("calendar", "standard")))

@@ -138,3 +138,100 @@ def test_a_missing_chunk_or_metadata_is_left_to_xarray():
     assert "bands/.zarray" in meta["metadata"]
     with pytest.raises(Unsupported, match="consolidated"):
         ArrayReader(entries)
+
+
+# -- stores made to differ: each must read as xarray reads it, or be left to xarray ------------------------------
+
+
+def _zip(entries: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for key in sorted(entries):
+            value = entries[key]
+            zf.writestr(key, value if isinstance(value, bytes) else value.to_bytes())
+    return buf.getvalue()
+
+
+def _member(bands=None, time=None, extra=None, coords=None) -> bytes:
+    """A member written by xarray's zarr writer: ``bands`` (T, 2, 3, 3), its times, product ids, centre, CRS."""
+    import xarray as xr
+    import zarr
+
+    bands = np.arange(2 * 2 * 3 * 3, dtype=np.int16).reshape(2, 2, 3, 3) if bands is None else bands
+    data = {"bands": (("time", "band", "y", "x"), bands), "center_lat": ((), 45.5), "center_lon": ((), 7.25),
+            "crs": ((), np.int64(32633)),
+            "file_id": (("time",), np.array(["S1A_IW_GRDH_1SDV_20200101T000000_x", "S1A_IW_GRDH_1SDV_20200201T000000_y"]))}
+    data.update(extra or {})
+    ds = xr.Dataset(data, coords={"band": ["vv", "vh"], "x": [0.5, 1.5, 2.5], "y": [2.5, 1.5, 0.5],
+                                  "time": np.array(["2020-01-01", "2020-02-01"], "datetime64[ns]") if time is None
+                                  else time, **(coords or {})})
+    entries: dict = {}
+    ds.to_zarr(zarr.storage.MemoryStore(store_dict=entries), zarr_format=2, consolidated=True, mode="w")
+    return _zip(entries)
+
+
+def _edited(data: bytes, edit) -> bytes:
+    """``data`` with ``edit(entries, metadata)`` applied; each array's own .zarray/.zattrs rewritten to match."""
+    entries = _entries(data)
+    consolidated = json.loads(entries[".zmetadata"])
+    edit(entries, consolidated["metadata"])
+    for key, value in consolidated["metadata"].items():
+        entries[key] = json.dumps(value).encode()
+    entries[".zmetadata"] = json.dumps(consolidated).encode()
+    return _zip(entries)
+
+
+def _drop_dims(entries, meta):
+    for key in [k for k in meta if k.endswith("/.zattrs")]:
+        meta[key].pop("_ARRAY_DIMENSIONS", None)
+
+
+def _conflicting_dims(entries, meta):
+    meta["file_id/.zattrs"]["_ARRAY_DIMENSIONS"] = ["band"]  # file_id has 2 values, band 2: fine; now make it 3
+    meta["file_id/.zarray"].update(shape=[3], chunks=[3])
+    entries["file_id/0"] = np.array(["a", "b", "c"], "<U34").tobytes()
+    meta["file_id/.zarray"]["compressor"] = None
+
+
+def _native_far_times(entries, meta):
+    """``time`` stored as datetime64[s] (no CF units) with dates outside datetime64[ns]'s range."""
+    meta["time/.zarray"].update(dtype="<M8[s]", compressor=None, fill_value=None)
+    meta["time/.zattrs"] = {"_ARRAY_DIMENSIONS": ["time"]}
+    entries["time/0"] = np.array(["2300-01-01", "1600-02-01"], "datetime64[s]").tobytes()
+
+
+def _corrupt_x(entries, meta):
+    entries["x/0"] = b"not a blosc frame"
+
+
+STRANGE = {
+    "big-endian integers": (lambda: _member(bands=np.arange(36, dtype=">i2").reshape(2, 2, 3, 3)), "same"),
+    "big-endian floats": (lambda: _member(bands=np.arange(36, dtype=">f4").reshape(2, 2, 3, 3)), "same"),
+    "times beyond the nanosecond range": (lambda: _edited(_member(extra={"file_id": (("time",), np.array(["a", "b"]))}),
+                                                          _native_far_times), "same"),
+    "character arrays": (lambda: _member(extra={"crs": (("nc",), np.array(list("32633"), "S1"))}), "left to xarray"),
+    "no dimension names": (lambda: _edited(_member(), _drop_dims), "left to xarray"),
+    "conflicting dimension sizes": (lambda: _edited(_member(), _conflicting_dims), "left to xarray"),
+    "a damaged index coordinate": (lambda: _edited(_member(), _corrupt_x), "left to xarray"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRANGE))
+def test_stores_made_to_differ_read_as_xarray_reads_them_or_go_to_it(case):
+    make, outcome = STRANGE[case]
+    data = make()
+    try:
+        expected = _decode_xarray(open_member(data))
+    except Exception as err:  # xarray refuses the store: so must the direct path, and decode_member says why
+        expected = err
+    if outcome == "same":
+        assert not isinstance(expected, Exception)
+        _same(_decode_direct(ArrayReader(_entries(data))), expected)
+    else:
+        with pytest.raises(Exception):
+            _decode_direct(ArrayReader(_entries(data)))
+    if isinstance(expected, Exception):
+        with pytest.raises(type(expected)):
+            decode_member(data)
+    else:
+        _same(decode_member(data), expected)
