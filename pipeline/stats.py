@@ -10,13 +10,15 @@ whatever the number of workers.
 Integer data (Sentinel-2 digital numbers) is summed exactly instead
 (`IntegerSums`): per band the count, the sum and the sum of squares as Python
 integers, turned into a mean and M2 once per shard with a single rounding each.
-That needs no float64 copy of the whole array and no mask, and is exact.
+The sums are one pass over the stored integers, compiled with numba: no float
+copy, no mask, no temporary array, and exact.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -39,10 +41,7 @@ class BandMoments:
         if valid is not None and np.count_nonzero(valid) == valid.size:  # the common case: no mask to apply
             valid = None
         if valid is None:
-            count = np.full(c, flat.shape[1], np.int64)
-            mean = flat.mean(axis=1) if flat.shape[1] else np.zeros(c)
-            m2 = ((flat - mean[:, None]) ** 2).sum(axis=1)
-            return cls(count, mean, m2)
+            return cls._unmasked(flat)
         v = valid.reshape(c, -1)
         count = v.sum(axis=1).astype(np.int64)
         safe = np.maximum(count, 1)
@@ -50,6 +49,31 @@ class BandMoments:
         mean = np.where(count > 0, sums / safe, 0.0)
         m2 = np.where(v, (flat - mean[:, None]) ** 2, 0.0).sum(axis=1)
         return cls(count, mean, m2)
+
+    @classmethod
+    def of_finite(cls, x: np.ndarray) -> "BandMoments":
+        """Moments of floating ``x`` (C, H, W) over its finite pixels (Sentinel-1 in dB): `of` with the mask
+        ``np.isfinite(x)``, the same numbers, but the finiteness is read from the float64 copy `of` makes anyway
+        (numpy's isfinite on float16 is several times slower than the whole float64 pass)."""
+        c = x.shape[0]
+        flat = x.reshape(c, -1).astype(np.float64)
+        finite = np.isfinite(flat)
+        if np.count_nonzero(finite) == finite.size:
+            return cls._unmasked(flat)
+        return cls.of(flat.reshape(x.shape), finite.reshape(x.shape))
+
+    @classmethod
+    def _unmasked(cls, flat: np.ndarray) -> "BandMoments":
+        """Moments of every pixel of ``flat`` (C, N), a float64 array this call may overwrite: the same
+        operations as ``((flat - mean) ** 2).sum()``, so the same bits, with no temporary array."""
+        c, n = flat.shape
+        count = np.full(c, n, np.int64)
+        if not n:
+            return cls(count, np.zeros(c), np.zeros(c))
+        mean = flat.sum(axis=1) / n  # what ndarray.mean computes
+        flat -= mean[:, None]
+        np.multiply(flat, flat, out=flat)
+        return cls(count, mean, flat.sum(axis=1))
 
     def merge(self, other: "BandMoments") -> "BandMoments":
         n = self.count + other.count
@@ -91,10 +115,14 @@ class BandMoments:
 class IntegerSums:
     """Exact per-band count, sum and sum of squares of integer images over the pixels that are not ``nodata``.
 
-    Each band is summed in float64, which is exact while every partial sum stays below 2^53 (16-bit values on
-    up to 2^21 pixels a band: 1448 x 1448); larger bands are summed in int64 by einsum (exact up to 2^31
-    pixels a band). A no-data pixel is counted out by its value instead of a mask.
+    One compiled pass per band (`integer_band_sums`) adds each pixel, its square and whether it is no-data into
+    int64 accumulators: exact while a band's sum of squares fits in int64, which holds for 16-bit values on up
+    to 2^31 pixels a call (46,000 x 46,000); larger bands are summed in pieces of that size. A no-data pixel is
+    counted out by its value instead of a mask.
     """
+
+    PIECE = 2**31
+    """Pixels of a band summed in one call: n * 65535^2 < 2^63."""
 
     def __init__(self, bands: int, nodata: int):
         self.nodata = int(nodata)
@@ -112,25 +140,48 @@ class IntegerSums:
         if not self.supports(x):
             raise TypeError(f"IntegerSums takes integers of at most 16 bits, got {x.dtype}")
         c = x.shape[0]
-        flat = x.reshape(c, -1)
-        n = flat.shape[1]
-        in_float = n * 2**32 < 2**53  # every partial sum of squares an exact float64 integer
-        for i in range(c):
-            band = flat[i]
-            if in_float:
-                f = band.astype(np.float64)
-                # einsum, not BLAS's dot: a threaded BLAS stalls when every core is busy with other workers
-                total, squares = int(f.sum()), int(np.einsum("i,i->", f, f))
-            else:
-                total = int(band.sum(dtype=np.int64))
-                squares = int(np.einsum("i,i->", band, band, dtype=np.int64))
-            if self.nodata:
-                nodata_pixels = int(np.count_nonzero(band == self.nodata))
-            else:
-                nodata_pixels = n - int(np.count_nonzero(band))
-            self.count[i] += n - nodata_pixels
-            self.total[i] += total - self.nodata * nodata_pixels
-            self.squares[i] += squares - self.nodata * self.nodata * nodata_pixels
+        flat = np.ascontiguousarray(x.reshape(c, -1)).astype(x.dtype.newbyteorder("="), copy=False)
+        info = np.iinfo(flat.dtype)
+        nodata = self.nodata if info.min <= self.nodata <= info.max else None  # else: no pixel can hold it
+        out = np.zeros((c, 3), np.int64)
+        for start in range(0, max(flat.shape[1], 1), self.PIECE):
+            piece = flat[:, start:start + self.PIECE]
+            integer_band_sums()(piece, 0 if nodata is None else nodata, out)
+            for i in range(c):
+                pixels, total, squares = piece.shape[1], int(out[i, 0]), int(out[i, 1])
+                nodata_pixels = 0 if nodata is None else int(out[i, 2])
+                self.count[i] += pixels - nodata_pixels
+                self.total[i] += total - self.nodata * nodata_pixels
+                self.squares[i] += squares - self.nodata * self.nodata * nodata_pixels
 
     def moments(self) -> BandMoments:
         return BandMoments.exact(self.count, self.total, self.squares)
+
+
+@functools.cache
+def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
+    """The compiled kernel ``f(x, nodata, out)``: for each band ``i`` of ``x`` (C, N) of 16-bit integers,
+    ``out[i] = (sum of x[i], sum of x[i]**2, count of x[i] == nodata)`` in int64.
+
+    numba (LLVM) turns the loop into vector code: one read of the stored integers, nothing written but the
+    (C, 3) result, about 8x faster than numpy's float64 copy, sum and dot product a band. Compiled on first use
+    in a process and cached on disk beside this module (or in ``NUMBA_CACHE_DIR``); numba is imported only then,
+    so the driver and processes that never compute statistics do not load it."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def band_sums(x, nodata, out):  # pragma: no cover - compiled; the Python body is the specification
+        for i in range(x.shape[0]):
+            total = np.int64(0)
+            squares = np.int64(0)
+            hits = np.int64(0)
+            for j in range(x.shape[1]):
+                v = np.int64(x[i, j])
+                total += v
+                squares += v * v
+                hits += v == nodata
+            out[i, 0] = total
+            out[i, 1] = squares
+            out[i, 2] = hits
+
+    return band_sums

@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+
 from pipeline.job import STAGING_PREFIX, PreprocessSettings, SourceSpec, progress_path
 from pipeline.plan import ShardTask, SplitPlan
 from pipeline.shards import Sample, ShardWriter
@@ -71,7 +73,11 @@ class _Tally:
     """Exact sums of integer S2 (valid = not the no-data value: `Source.valid_s2`), folded into ``s2`` at the end."""
 
     def add(self, sample: Sample, source: Source) -> None:
-        self.s1 = self.s1.merge(BandMoments.of(sample.s1, source.valid_s1(sample.s1)))
+        if type(source).valid_s1 is Source.valid_s1 and np.issubdtype(sample.s1.dtype, np.floating):
+            s1 = BandMoments.of_finite(sample.s1)  # valid = finite, read from the float64 copy
+        else:
+            s1 = BandMoments.of(sample.s1, source.valid_s1(sample.s1))
+        self.s1 = self.s1.merge(s1)
         if IntegerSums.supports(sample.s2):
             if self.s2_sums is None:
                 self.s2_sums = IntegerSums(sample.s2.shape[0], source.nodata()["s2"])

@@ -155,7 +155,7 @@ class Source(ABC):
         finite = {}
         for name, x in (("S1", s1), ("S2", s2)):
             if np.issubdtype(x.dtype, np.floating):
-                finite[name] = np.count_nonzero(np.isfinite(x))  # one pass, no float copy of the mask
+                finite[name] = count_finite(x)
                 bad = 1.0 - finite[name] / x.size
                 if bad > limit:
                     return reject(NON_FINITE, f"{name}: {bad:.2%} non-finite pixels (limit {limit:.2%})")
@@ -175,6 +175,15 @@ class Source(ABC):
         if np.issubdtype(s2.dtype, np.floating):
             valid &= np.isfinite(s2)
         return valid
+
+
+def count_finite(x: np.ndarray) -> int:
+    """How many elements of floating ``x`` are finite. float16 (Sentinel-1 in SSL4EO-S12 v1.1) is read through its
+    bits, finite unless every exponent bit is set (IEEE 754 binary16): ~10x faster than numpy's float16 isfinite."""
+    if x.dtype.itemsize == 2 and x.dtype.kind == "f":
+        bits = x.view(np.dtype(np.uint16).newbyteorder(x.dtype.byteorder))
+        return int(x.size - np.count_nonzero((bits & 0x7C00) == 0x7C00))
+    return int(np.count_nonzero(np.isfinite(x)))
 
 
 def upsample_nearest(band: np.ndarray, factor: int) -> np.ndarray:

@@ -225,3 +225,57 @@ def test_shard_writer_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path):
     with tarfile.open(tmp_path / "ours.tar") as tar:
         firsts = [m.offset for m in tar.getmembers() if m.name.endswith(".json")]
     assert [off for _, off, _ in w.rows] == firsts
+
+
+@pytest.mark.parametrize("dtype", [">u2", "<i2", "u1", "i1"])
+def test_integer_sums_take_any_byte_order_layout_and_width(dtype, monkeypatch):
+    # big-endian and strided inputs, 8-bit integers, and bands summed in pieces (PIECE made small here:
+    # the real loop, which at full size starts past 2^31 pixels a band)
+    rng = np.random.default_rng(5)
+    info = np.iinfo(np.dtype(dtype))
+    x = rng.integers(info.min, info.max, size=(2, 3, 30, 41), endpoint=True).astype(dtype)[:, :, ::2, 1:]
+    assert not x[0].flags.c_contiguous
+    nodata = int(x[0, 0, 0, 0])
+    for piece in (IntegerSums.PIECE, 7):
+        monkeypatch.setattr(IntegerSums, "PIECE", piece)
+        sums = IntegerSums(3, nodata)
+        for sample in x:
+            sums.add(sample)
+        got = sums.moments()
+        counts, means, m2s = exact_reference(x, nodata)
+        assert got.count.tolist() == counts and got.mean.tolist() == means and got.m2.tolist() == m2s
+
+
+@pytest.mark.parametrize("nodata", [-1, 70000])
+def test_integer_sums_with_a_nodata_value_the_type_cannot_hold_count_every_pixel(nodata):
+    x = np.array([[[0, 1], [65535, 2]]], np.uint16)
+    sums = IntegerSums(1, nodata)
+    sums.add(x)
+    assert (sums.count, sums.total, sums.squares) == ([4], [65538], [65535**2 + 5])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ">f2", np.float32])
+@pytest.mark.parametrize("holes", [False, True])
+def test_band_moments_of_finite_equals_the_masked_moments_bit_for_bit(dtype, holes):
+    rng = np.random.default_rng(6)
+    x = rng.normal(-12, 4, size=(2, 33, 35)).astype(dtype)
+    if holes:
+        x[0, :3] = np.nan
+        x[1, 5, 5] = np.inf
+        x[1, 6, 6] = -np.inf
+    got = BandMoments.of_finite(x)
+    want = BandMoments.of(x, np.isfinite(x))
+    assert got.count.tolist() == want.count.tolist() == ([33 * 35 - 3 * 35, 33 * 35 - 2] if holes else [33 * 35] * 2)
+    assert got.mean.tolist() == want.mean.tolist() and got.m2.tolist() == want.m2.tolist()
+    ref = x[1][np.isfinite(x[1])].astype(np.float64)
+    np.testing.assert_allclose(got.std[1], ref.std(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", ">f8"])
+def test_count_finite_agrees_with_numpy_on_every_half_precision_value(dtype):
+    from pipeline.sources.base import count_finite
+
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(dtype)  # NaNs, infinities, subnormals, -0
+    for x in (every, every.reshape(256, 256)[:, ::3], every.reshape(2, 128, 256)[:, 1:, :]):
+        assert count_finite(x) == np.count_nonzero(np.isfinite(x))
+    assert count_finite(every) == 2**16 - 2 * 2**10  # exponent all ones: 2 x 1024 infinities and NaNs
