@@ -175,11 +175,15 @@ def run_job(source: str, input_url: str, output_url: str, workers: int, shard_si
         "workers": workers,
         "wall_seconds": wall,
         "job_seconds": manifest["run"]["seconds"],
-        "plan_seconds": float(planned[3]) if planned else None,
+        "plan_seconds": manifest["run"].get("plan_seconds", float(planned[3]) if planned else None),
         "samples": manifest["totals"]["samples"],
         "shards": manifest["totals"]["shards"],
         "tar_bytes": manifest["totals"]["bytes"],
         "quarantined": manifest["totals"]["quarantined"],
+        # the job's own account of its shard phase (manifest run section): wall clock, and the tasks' durations
+        "shard_seconds": manifest["run"].get("shard_seconds"),
+        "task_seconds": manifest["run"].get("task_seconds"),
+        "samples_built": manifest["run"].get("samples_built"),
     }
 
 
@@ -274,10 +278,11 @@ def main() -> None:
             job.update(rates(job["samples"], job["job_seconds"], bytes_per_sample, workers))
             job["wall_samples_per_s"] = job["samples"] / job["wall_seconds"]
             job["over_floor_per_worker"] = job["samples_per_s_per_worker"] / floor["samples_per_s"]
-            if job["plan_seconds"] is not None and job["job_seconds"] > job["plan_seconds"]:
-                # the steady state of a long job: the shard tasks alone, planning (a fixed cost) left out
-                shard_sps = job["samples"] / (job["job_seconds"] - job["plan_seconds"])
+            if job["shard_seconds"]:  # the shard tasks' wall clock: planning and the commit left out
+                shard_sps = job["samples_built"] / job["shard_seconds"]
                 job["shard_phase_over_floor_per_worker"] = shard_sps / workers / floor["samples_per_s"]
+            if job["task_seconds"]:  # inside the tasks: what a busy worker sustains, scheduling gaps left out
+                job["in_task_over_floor"] = job["samples_built"] / job["task_seconds"] / floor["samples_per_s"]
             jobs.append(job)
         for target, _ in targets:
             same = [j for j in jobs if j["target"] == target]
@@ -287,7 +292,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    hw = hardware(packages=("ray", "numpy", "zarr"))
+    hw = hardware(packages=("ray", "numpy", "zarr", "numba"))
     hw["load_avg_1m"] = f"{load_before} at start, {load_average()} at end"
     setup = {
         "source": args.source, "size_px": SIZE, "samples": floor["samples"], "locations": archive["locations"],
@@ -299,27 +304,29 @@ def main() -> None:
 
     print_header(f"Preprocessing throughput: {args.source}, job vs read-only floor", setup, hw)
     print("| run | output | workers | wall s | job s | samples/s | MB/s | samples/s/worker | MB/s/worker "
-          "| per worker / floor | shard phase, per worker / floor |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| per worker / floor | shard phase, per worker / floor | in task / floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| floor: plan + read, one process | none | 1 | {floor['read_seconds']:.2f} | – "
           f"| {floor['samples_per_s']:.1f} | {floor['mb_per_s']:.0f} | {floor['samples_per_s']:.1f} "
-          f"| {floor['mb_per_s']:.0f} | 1.00 | – |")
+          f"| {floor['mb_per_s']:.0f} | 1.00 | – | – |")
     print(f"| shard tasks (build_shard), one process, no Ray | local | 1 | {tasks['seconds']:.2f} | – "
           f"| {tasks['samples_per_s']:.1f} | {tasks['mb_per_s']:.0f} | {tasks['samples_per_s']:.1f} "
-          f"| {tasks['mb_per_s']:.0f} | {tasks['samples_per_s'] / floor['samples_per_s']:.2f} | – |")
+          f"| {tasks['mb_per_s']:.0f} | {tasks['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
+    dash = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for j in jobs:
-        phase = j.get("shard_phase_over_floor_per_worker")
         print(f"| preprocess | {j['target']} | {j['workers']} | {j['wall_seconds']:.2f} | {j['job_seconds']:.2f} "
               f"| {j['samples_per_s']:.1f} | {j['mb_per_s']:.0f} | {j['samples_per_s_per_worker']:.1f} "
               f"| {j['mb_per_s_per_worker']:.0f} | {j['over_floor_per_worker']:.2f} "
-              f"| {'–' if phase is None else f'{phase:.2f}'} |")
+              f"| {dash(j.get('shard_phase_over_floor_per_worker'))} | {dash(j.get('in_task_over_floor'))} |")
     print(f"\nFloor: planning took {floor['plan_seconds']:.2f} s (not in the floor's wall s, which is the read "
           f"loop only); the read loop kept {floor['cores_busy']:.2f} cores busy (CPU time of all its threads / "
           f"wall), so per worker / floor compares one worker with that. Job s is the manifest's run.seconds: "
           f"planning (on Ray) plus the shard tasks, without interpreter start, imports and ray.init; the jobs' "
-          f"throughputs are computed from it. Wall s is the subprocess's whole life. The shard phase leaves "
-          f"planning out of run.seconds: a fixed cost here (Ray worker start and imports, ~1-2 s), a small share "
-          f"of a long job's."
+          f"throughputs are computed from it. Wall s is the subprocess's whole life. The shard phase is the "
+          f"manifest's run.shard_seconds, the wall clock of the shard tasks: planning (a fixed cost here, Ray "
+          f"worker start and imports, ~1-2 s) and the commit left out. In task is run.samples_built / "
+          f"run.task_seconds, the shard tasks' own durations summed: what one busy worker sustains, Ray's "
+          f"scheduling gaps left out and each worker's first-task start-up (imports, the statistics kernel) in."
           + (f" Each row is the fastest of {args.repeat} runs (all in --json)." if args.repeat > 1 else ""))
     print(f"- shard tasks: what one worker does (read, check, statistics, tar, sha256, the progress record) on the "
           f"job's {tasks['shards']} shards, in this process after a {tasks['warm_up_seconds']:.1f} s warm-up task "

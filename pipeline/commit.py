@@ -23,7 +23,7 @@ from pipeline.manifest import MANIFEST, Manifest, ManifestError, read_committed
 from pipeline.plan import SplitPlan
 from pipeline.sources import Source
 from pipeline.stats import BandMoments
-from pipeline.workers import ray_cluster
+from pipeline.workers import ShardPhase, ray_cluster
 from pipeline.storage import (
     check_writable,
     is_local,
@@ -92,8 +92,10 @@ def damaged_shards(fs: Any, root: str, manifest: dict[str, Any], verify: str) ->
 
 
 def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[int, dict[str, Any]],
-                 source: Source, out_url: str) -> Manifest:
-    """Write the quarantine report and the manifest of a split whose every shard has a record; returns the manifest."""
+                 source: Source, out_url: str, phase: Optional[ShardPhase] = None) -> Manifest:
+    """Write the quarantine report and the manifest of a split whose every shard has a record; returns the manifest.
+
+    ``phase``, how this run's shard tasks went, goes into the manifest's ``run`` section with the planning time."""
     fs, root = url_to_fs(out_url, settings.storage_options)
     ordered = [records[task.index] for task in plan.tasks]
     rejections = [r.to_dict() for r in plan.rejections] + [rj for rec in ordered for rj in rec["rejections"]]
@@ -117,7 +119,9 @@ def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[in
         stats=combined_stats(source, ordered),
         # Everything outside `run` is deterministic; `run` describes this particular execution.
         run={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": redact_argv(sys.argv),
-             "workers": settings.workers, "seconds": round(time.time() - plan.started, 3), **ray_cluster()},
+             "workers": settings.workers, "seconds": round(time.time() - plan.started, 3), **ray_cluster(),
+             **({"plan_seconds": round(plan.planned - plan.started, 3)} if plan.planned is not None else {}),
+             **(phase.as_run() if phase is not None else {})},
         index=index,
     )
     manifest.write(out_url, settings.storage_options)

@@ -55,6 +55,8 @@ class SplitPlan:
     """Progress records of shards an earlier run of the same plan completed, by shard index."""
     started: float
     """time.time() when planning began (the manifest's run.seconds counts from it)."""
+    planned: Optional[float] = None
+    """time.time() when planning ended."""
 
     @property
     def todo(self) -> list[ShardTask]:
@@ -118,7 +120,7 @@ def plan_split(settings: PreprocessSettings, source: Source, split: str, out_url
             reused[task.index] = record
     if reused:
         print(f"[{split}] reusing {len(reused)} shards completed by an earlier run")
-    return SplitPlan(split, content, job_fp, items, rejections, tasks, reused, t0)
+    return SplitPlan(split, content, job_fp, items, rejections, tasks, reused, t0, time.time())
 
 
 def reusable_record(fs, root: str, task: ShardTask, verify: str) -> Optional[dict[str, Any]]:

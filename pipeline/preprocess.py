@@ -66,8 +66,8 @@ def run_split(settings: PreprocessSettings, spec: SourceSpec, source: Source, sp
     if done is not None:
         return done
     plan = plan_split(settings, source, split, out_url, ray_inventory)
-    records = run_shards(settings, spec, plan, out_url)
-    return commit_split(settings, plan, records, source, out_url).to_dict()
+    records, phase = run_shards(settings, spec, plan, out_url)
+    return commit_split(settings, plan, records, source, out_url, phase).to_dict()
 
 
 def preview_split(settings: PreprocessSettings, source: Source, split: str, out_url: str) -> dict[str, Any]:

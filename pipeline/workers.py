@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -94,7 +95,11 @@ class _Tally:
 
 def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
                 storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Read the items of ``task``, write its shard under ``out_url``, return its record (stats, rejections)."""
+    """Read the items of ``task``, write its shard under ``out_url``, return its record (stats, rejections).
+
+    The returned record also holds ``task_seconds``, how long this call took; the progress record written
+    beside the shard does not (it is part of the job's deterministic output)."""
+    started = time.perf_counter()
     source = spec.build()
     fs, root = url_to_fs(out_url, storage_options)
     tally = _Tally(BandMoments.zeros(len(source.s1_bands)), BandMoments.zeros(len(source.s2_bands)))
@@ -136,15 +141,41 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
     # record or shard a power cut tore or lost is rebuilt.
     write_bytes_atomic(fs, progress_path(root, task.name), json.dumps(record, sort_keys=True).encode(),
                        durable=False)
-    return record
+    return {**record, "task_seconds": time.perf_counter() - started}
+
+
+@dataclass
+class ShardPhase:
+    """How this run's shard tasks went; the manifest's ``run`` section records it (`as_run`)."""
+
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    """Wall clock from the first task's submission to the last one's result."""
+    shards: int = 0
+    """Shards built by this run (not those reused from an earlier one)."""
+    samples: int = 0
+    task_seconds: float = 0.0
+    """The shard tasks' own durations, summed: worker time spent reading, checking and writing, without
+    planning, scheduling and the commit. ``samples / task_seconds`` is one busy worker's throughput."""
+
+    def as_run(self) -> dict[str, Any]:
+        return {"shard_seconds": round(self.seconds, 3), "shards_built": self.shards,
+                "samples_built": self.samples, "task_seconds": round(self.task_seconds, 3)}
+
+    def summary(self, split: str) -> str:
+        rate = f"{self.samples / self.task_seconds:.1f}" if self.task_seconds > 0 else "-"
+        return (f"[{split}] built {self.shards} shards ({self.samples} samples) in {self.seconds:.1f}s; "
+                f"{self.task_seconds:.1f}s in shard tasks, {rate} samples/s per busy worker")
 
 
 def run_shards(settings: PreprocessSettings, spec: SourceSpec, plan: SplitPlan,
-               out_url: str) -> dict[int, dict[str, Any]]:
-    """Build the shards the plan still needs, at most ``settings.workers`` at once; every record by shard index."""
+               out_url: str) -> tuple[dict[int, dict[str, Any]], ShardPhase]:
+    """Build the shards the plan still needs, at most ``settings.workers`` at once; every record by shard index,
+    and how the shard tasks of this run went."""
     import ray
     from tqdm import tqdm
 
+    phase = ShardPhase()
     records = dict(plan.reused)
     remote = ray.remote(num_cpus=1, max_retries=3)(build_shard)
     bar = tqdm(total=len(plan.tasks), initial=len(records), desc=f"{plan.split} shards", unit="shard",
@@ -162,10 +193,16 @@ def run_shards(settings: PreprocessSettings, spec: SourceSpec, plan: SplitPlan,
         for ref in ready:
             index = pending.pop(ref)
             rec = ray.get(ref)
+            phase.task_seconds += rec.pop("task_seconds")
+            phase.shards += 1
+            phase.samples += rec["samples"]
             records[index] = rec
             written += rec["samples"]
             quarantined += len(rec["rejections"])
             bar.update(1)
             bar.set_postfix(samples=written, quarantined=quarantined)
     bar.close()
-    return records
+    phase.seconds = time.time() - phase.started
+    if phase.shards:
+        print(phase.summary(plan.split))
+    return records, phase

@@ -368,6 +368,15 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(tmp_path, tmp_path_factory)
     rerun = preprocess(*args, "--output", str(out), "--workers", "1")
     assert f"reusing {done_before} shards" in rerun.stdout
     m_clean, m_out = read_manifest(clean), read_manifest(out)
+    # `run` counts what this execution built: all of it the first time, what the killed run left the second
+    shards = m_clean["totals"]["shards"]
+    assert (m_clean["run"]["shards_built"], m_clean["run"]["samples_built"]) == (shards, 3 * 4 * 4)
+    assert (m_out["run"]["shards_built"], m_out["run"]["samples_built"]) == (shards - done_before, shards - done_before)
+    assert f"built {shards - done_before} shards ({shards - done_before} samples)" in rerun.stdout
+    for m in (m_clean, m_out):  # at most `workers` tasks at once, inside the shard phase, inside the run
+        run = m["run"]
+        assert 0 < run["task_seconds"] <= run["workers"] * run["shard_seconds"] + 0.01
+        assert 0 < run["plan_seconds"] and run["plan_seconds"] + run["shard_seconds"] <= run["seconds"] + 0.01
     assert m_out["totals"]["samples"] == 3 * 4 * 4 == len(read_shards(out))
     # byte-identical shards and manifest (apart from the `run` section) whatever the worker count and history
     assert m_out["shards"] == m_clean["shards"]
