@@ -17,10 +17,13 @@ copy, no mask, no temporary array, and exact.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,11 +168,12 @@ def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
 
     numba (LLVM) turns the loop into vector code: one read of the stored integers, nothing written but the
     (C, 3) result, about 8x faster than numpy's float64 copy, sum and dot product a band. Compiled on first use
-    in a process and cached on disk beside this module (or in ``NUMBA_CACHE_DIR``); numba is imported only then,
-    so the driver and processes that never compute statistics do not load it."""
+    in a process and cached on disk: in ``$NUMBA_CACHE_DIR`` when set, else beside this module, else in
+    ``~/.cache/numba``; numba is imported only then,
+    so the driver and processes that never compute statistics do not load it. Where no cache location is
+    writable (a read-only install and home folder), it is compiled in memory instead, once per process."""
     import numba
 
-    @numba.njit(cache=True, nogil=True)
     def band_sums(x, nodata, out):  # pragma: no cover - compiled; the Python body is the specification
         for i in range(x.shape[0]):
             total = np.int64(0)
@@ -184,4 +188,8 @@ def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
             out[i, 1] = squares
             out[i, 2] = hits
 
-    return band_sums
+    try:
+        return numba.njit(cache=True, nogil=True)(band_sums)
+    except RuntimeError as err:  # "cannot cache function ...: no locator available": nowhere to write the cache
+        log.info("numba cannot cache the statistics kernel (%s); compiling it in memory", err)
+        return numba.njit(nogil=True)(band_sums)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,3 +283,26 @@ def test_count_finite_agrees_with_numpy_on_every_half_precision_value(dtype):
     for x in (every, every.reshape(256, 256)[:, ::3], every.reshape(2, 128, 256)[:, 1:, :]):
         assert count_finite(x) == np.count_nonzero(np.isfinite(x))
     assert count_finite(every) == 2**16 - 2 * 2**10  # exponent all ones: 2 x 1024 infinities and NaNs
+
+
+def test_integer_sums_work_where_numba_cannot_write_its_cache(tmp_path):
+    """A read-only install and home folder (a locked-down container): numba has no cache location, and the kernel
+    is compiled in memory instead of failing every shard task. Root writes anywhere, so each location is made
+    impossible instead: a file where ``__pycache__`` would go, HOME and NUMBA_CACHE_DIR under /dev/null."""
+    import shutil
+
+    pkg = tmp_path / "site"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "pipeline", pkg / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "pipeline" / "__pycache__").write_text("not a folder")
+    code = ("import logging, numpy as np; logging.basicConfig(level=logging.INFO)\n"
+            "from pipeline.stats import IntegerSums\n"
+            "s = IntegerSums(1, 0); s.add(np.array([[[1, 2], [0, 65535]]], np.uint16))\n"
+            "print(s.count, s.total, s.squares)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(pkg), "HOME": "/dev/null/home",
+                               "NUMBA_CACHE_DIR": "/dev/null/numba"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[0] == f"[3] [65538] [{1 + 4 + 65535**2}]"
+    assert "compiling it in memory" in proc.stderr
