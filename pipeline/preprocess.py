@@ -131,7 +131,9 @@ def run_job(settings: PreprocessSettings) -> int:
     except (PreprocessError, LeaseHeld) as err:
         return _fail(str(err))
     except StorageUnavailable as err:
-        print(f"error: {err}", file=sys.stderr)
+        # raised in a Ray task, it arrives as Ray's error, an instance of its cause's class: print the cause
+        cause = getattr(err, "cause", None)
+        print(f"error: {cause if isinstance(cause, StorageUnavailable) else err}", file=sys.stderr)
         return 3
     except FileNotFoundError as err:  # a source's planning found the split's files missing or incomplete
         return _fail(redact(str(err)))

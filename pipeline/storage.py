@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 import re
@@ -171,6 +172,56 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
         return result
 
     return call
+
+
+class RetryingFile(io.RawIOBase):
+    """A read-only, seekable file over ``fs.open(path, "rb", **options)`` whose opening and every read outlast
+    transient storage errors (`retrying`): each attempt seeks back to where the read began, so a read that
+    failed part-way is never half-counted. What reads through it (a tar walk, a zip directory, zarr chunks)
+    sees either the bytes or, after the retry window, `StorageUnavailable`, never a transient error it would
+    take for damaged content."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, **options: Any):
+        super().__init__()
+        self.name = path
+        self._f = retrying(fs.open)(path, "rb", **options)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._f.seek(offset, whence)  # fsspec and local files seek without I/O
+        return self._pos
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        data = retrying(self._read_at)(self.name, self._pos, size)  # the error names the path
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = retrying(self._readinto_at)(self.name, self._pos, buffer)
+        self._pos += n
+        return n
+
+    def _read_at(self, _path: str, pos: int, size: Optional[int]) -> bytes:
+        self._f.seek(pos)
+        return self._f.read(-1 if size is None else size)
+
+    def _readinto_at(self, _path: str, pos: int, buffer: Any) -> int:
+        self._f.seek(pos)
+        return self._f.readinto(buffer) or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
 
 
 CREDENTIALS_IN_URL = ("credentials inside a URL are not used (and would be printed by the tools on the way); give "

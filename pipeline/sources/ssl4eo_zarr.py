@@ -54,7 +54,7 @@ from pipeline.sources.base import (
     date_from_name,
     pair_by_date,
 )
-from pipeline.storage import is_local, retrying
+from pipeline.storage import RetryingFile, StorageUnavailable, is_local, retrying
 
 # Product folders as published: S1 GRD, and one per S2 processing level ("S2" + level).
 S1_PRODUCT = "S1GRD"
@@ -77,7 +77,8 @@ def open_zarr_zip(fs, path: str):
         import fsspec
         from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-        zfs = fsspec.filesystem("zip", fo=fs.open(path, "rb", block_size=8 << 20))
+        # every read of the zip (directory, metadata, chunks) retried through transient errors
+        zfs = fsspec.filesystem("zip", fo=RetryingFile(fs, path, block_size=8 << 20))
         store = zarr.storage.FsspecStore(AsyncFileSystemWrapper(zfs, asynchronous=True), read_only=True, path="")
     return xr.open_zarr(store, consolidated=True, chunks=None)
 
@@ -124,6 +125,8 @@ def _file_metadata(fs, path: str) -> "dict[str, Any] | Exception":
                (("time", "time_"), ("file_id", "file_id"), ("lat", "center_lat"), ("lon", "center_lon"),
                 ("crs", "crs"))},
         }
+    except StorageUnavailable:
+        raise
     except Exception as err:  # noqa: BLE001 - corrupt / truncated zip or metadata
         return err
 
@@ -334,6 +337,8 @@ class SSL4EOZarr(Source):
         p1, p2 = items[0].refs["s1"], items[0].refs["s2"]
         try:
             ds1, ds2 = open_zarr_zip(self.fs, p1), open_zarr_zip(self.fs, p2)
+        except StorageUnavailable:  # an outage longer than the retry window: the job stops, nothing skipped
+            raise
         except Exception as err:  # noqa: BLE001
             for it in items:
                 yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
@@ -352,6 +357,8 @@ class SSL4EOZarr(Source):
             try:
                 s1, s2 = location.get(ds1, ds2, it.refs["i1"], it.refs["i2"])
                 s1, s2 = s1[it.refs["t1"]][order1], s2[it.refs["t2"]][order2]
+            except StorageUnavailable:
+                raise
             except Exception as err:  # noqa: BLE001 - a corrupt chunk loses this sample only
                 yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
                 continue

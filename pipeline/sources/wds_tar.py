@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Optional
 
 from pipeline.shards import walk_members
-from pipeline.storage import is_local
+from pipeline.storage import RetryingFile, StorageUnavailable, is_local, retrying
 from pipeline.sources.zarr_member import MEMBER_EXT
 
 _BLOCK = 512
@@ -40,17 +40,18 @@ class TarIndex:
 
 
 def open_ranged(fs, path: str) -> BinaryIO:
-    """A file object for byte-range reads: on object stores every read is one request of that size."""
+    """A file object for byte-range reads: on object stores every read is one request of that size, retried
+    through transient errors (`RetryingFile`: an outage stops the job, it does not quarantine members)."""
     if is_local(fs):
         return open(path, "rb")
     # No read-ahead cache: walking the headers must not download the members between them.
-    return fs.open(path, "rb", cache_type="none")
+    return RetryingFile(fs, path, cache_type="none")  # type: ignore[return-value]
 
 
 def index_tar(fs, path: str) -> TarIndex:
     """Walk the headers of the tar at ``path`` (a path of ``fs``); members other than .zarr.zip are skipped."""
     index = TarIndex(path)
-    size = fs.size(path)
+    size = retrying(fs.size)(path)
     end = 0  # where the data of the last member seen ends, padded to a block
     try:
         with open_ranged(fs, path) as f:
@@ -61,6 +62,8 @@ def index_tar(fs, path: str) -> TarIndex:
                 ref = MemberRef(m.key, m.offset_data, m.size)
                 (index.members if m.offset_data + m.size <= size else index.truncated).append(ref)
             index.problem = _end_problem(f, end, size)
+    except StorageUnavailable:  # the store, not the tar: the job stops
+        raise
     except Exception as err:  # noqa: BLE001 - a header tarfile cannot parse: what came before is still usable
         index.problem = (f"unreadable tar after byte {end} ({type(err).__name__}: {err}); "
                          "later members cannot be listed")

@@ -46,7 +46,7 @@ from pipeline.sources.base import (
 )
 from pipeline.sources.wds_tar import MemberRef, TarIndex, index_tar, open_ranged, read_member
 from pipeline.sources.zarr_member import MEMBER_EXT, Location, decode_member
-from pipeline.storage import redact_url, retrying
+from pipeline.storage import StorageUnavailable, redact_url, retrying
 
 S2_LEVEL_FOLDERS = {"L1C": "S2L1C", "L2A": "S2L2A"}
 """The S2 product folder of each ``--s2-product``, as both releases name them."""
@@ -209,6 +209,8 @@ class ZarrWebDataset(Source):
                 try:
                     l1 = decode_member(self._fetch(i1.path, r1))
                     l2 = decode_member(self._fetch(i2.path, r2))
+                except StorageUnavailable:
+                    raise
                 except Exception:  # noqa: BLE001 - a bad member is quarantined when read; try the next
                     continue
                 t, _, h, w = l2.bands.shape
@@ -243,6 +245,8 @@ class ZarrWebDataset(Source):
             ref = MemberRef(refs["member"], refs[f"o{tag[1]}"], refs[f"n{tag[1]}"])
             try:
                 located[tag] = decode_member(read_member(tars.get(refs[tag]), ref))
+            except StorageUnavailable:  # an outage longer than the retry window: the job stops, nothing skipped
+                raise
             except Exception as err:  # noqa: BLE001 - a damaged member loses this location only
                 yield from self._reject_all(items, refs[tag], UNREADABLE, f"{type(err).__name__}: {err}")
                 return

@@ -1,0 +1,105 @@
+"""The Zarr releases read from an object store that fails now and then (a fault-injecting proxy on loopback in
+front of the S3 endpoint): transient errors are retried until the retry window ends, and then the job stops
+(exit 3) naming the store and the file. They are never taken for damaged content: nothing is quarantined, and
+the samples are those of a read without faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, S3_ENV, fresh_s3fs
+
+from pipeline import synthetic
+from pipeline.shards import Sample
+from pipeline.sources import SOURCES, SourceOptions
+
+ARCHIVES = {
+    "ssl4eo-wds": lambda root: synthetic.make_ssl4eo_wds(root, splits={"train": 2}, samples_per_shard=3, size=18),
+    "ssl4eo-zarr": lambda root: synthetic.make_ssl4eo_zarr(root, splits={"train": 2}, samples_per_file=3, size=18),
+}
+# No retries below ours from botocore (and, in this process, from s3fs: `S3FileSystem.retries`, which spans
+# ~10-25 s): each fault reaches the pipeline's own retry window, so short outages do what a long one does.
+NO_INNER_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    base = tmp_path_factory.mktemp("zarr-releases")
+    for name, make in ARCHIVES.items():
+        make(base / name)
+    return base
+
+
+def _read(source: str, url: str, options: SourceOptions):
+    """Plan the train split in this process (the inventory jobs one after the other), then read every item:
+    ([(key, s1 bytes, s2 bytes)], [(key, reason)], rejections while planning)."""
+    reader = SOURCES[source](url, options)
+    items, rejects = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    samples, rejected = [], []
+    for r in reader.read(list(items), "train"):
+        if isinstance(r, Sample):
+            samples.append((r.key, r.s1.tobytes(), r.s2.tobytes()))
+        else:
+            rejected.append((r.key, r.reason))
+    return samples, rejected, [(r.key, r.reason) for r in rejects]
+
+
+@pytest.mark.parametrize("source", sorted(ARCHIVES))
+def test_planning_and_reading_outlast_outages_and_throttling(archives, source, s3_bucket, store_proxy, monkeypatch):
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's setting (a class attribute): one attempt
+    url = f"{s3_bucket}/{source}"
+    fresh_s3fs().put(str(archives / source), url, recursive=True)
+    want, none, no_rejects = _read(source, str(archives / source), SourceOptions())
+    assert want and none == [] and no_rejects == []
+
+    options = SourceOptions(storage_options={"skip_instance_cache": True, "endpoint_url": store_proxy.url,
+                                             **NO_INNER_RETRIES})
+    store_proxy.faults(0.2, "slowdown")  # one new connection in five answered 503 SlowDown, all along
+    reader = SOURCES[source](url, options)
+    store_proxy.outage(3.0)  # planning waits it out
+    items, rejects = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    assert rejects == [] and [it.key for it in items] == [k for k, _, _ in want]
+    refused = store_proxy.refused
+    store_proxy.outage(3.0)  # and so do the reads, with every open connection cut
+    got = [(r.key, r.s1.tobytes(), r.s2.tobytes()) if isinstance(r, Sample) else (r.key, r.reason)
+           for r in reader.read(list(items), "train")]
+    assert got == want  # every sample, byte for byte, none quarantined
+    assert store_proxy.refused > refused > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", sorted(ARCHIVES))
+def test_an_outage_longer_than_the_retry_window_stops_the_job(archives, source, s3_bucket, store_proxy, tmp_path):
+    """The store goes down once the shard tasks start and stays down: the job stops with exit 3 and an error naming
+    the file it was reading, commits nothing and quarantines nothing (a rerun later builds the whole set)."""
+    url = f"{s3_bucket}/{source}"
+    fresh_s3fs().put(str(archives / source), url, recursive=True)
+    out = tmp_path / "out"
+    env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": store_proxy.url, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.preprocess", "--no-progress", "--source", source, "--input", url,
+         "--output", str(out), "--split", "train", "--workers", "1", "--retry-window-s", "3",
+         "--storage-options", json.dumps(NO_INNER_RETRIES)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:  # the plan is made: the shard tasks start now
+        lines.append(line)
+        if "] planned " in line:
+            store_proxy.outage(600)
+            break
+    t0 = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 3, "".join(lines) + stdout + stderr
+    assert time.monotonic() - t0 < 120  # the 3 s window, not the outage's 600 s
+    error = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "storage unreachable" in error[0], stderr[-3000:]
+    assert f"{url.removeprefix('s3://')}/train/" in error[0]  # the file being read when the window ran out
+    assert "Traceback" not in error[0]
+    assert not (out / "manifest.json").exists() and not (out / "quarantine.jsonl").exists()
