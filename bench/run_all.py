@@ -113,6 +113,17 @@ def _pretraining(r: dict[str, Any]) -> list[Headline]:
              f"{g['gap_mean']:+.3f} ± {g['gap_std']:.3f}") for g in r["gaps"]]
 
 
+def _remote_input(r: dict[str, Any]) -> list[Headline]:
+    out = []
+    default = r["setup"]["default_depth"]
+    for latency in sorted({row["latency_ms"] for row in r["rows"]}):
+        by_depth = {row["depth"]: row for row in r["rows"] if row["latency_ms"] == latency}
+        if 0 in by_depth and default in by_depth and default != 0:
+            out.append((f"WebDataset release from S3, {latency:.0f} ms round trip: read-ahead {default} / none",
+                        f"{by_depth[default]['samples_per_s'] / by_depth[0]['samples_per_s']:.2f}x"))
+    return out
+
+
 @dataclass
 class Bench:
     script: str
@@ -130,6 +141,8 @@ BENCHES: dict[str, Bench] = {
                     gpu=["--device", "cuda", "--model", "vit_s"]),
     "preprocess": Bench("bench_preprocess.py", _preprocess, quick=["--samples", "64"]),
     "planning": Bench("bench_planning.py", _planning, quick=["--files", "40", "--workers", "1"]),
+    "remote_input": Bench("bench_remote_input.py", _remote_input,
+                          quick=["--samples", "32", "--latency-ms", "20", "--depths", "0", "4"]),
     "checkpoint": Bench("bench_checkpoint.py", _checkpoint, quick=["--size", "tiny", "--steps", "12", "--every", "4"]),
     "zero_memory": Bench("bench_zero_memory.py", _zero_memory, quick=["--size", "tiny", "--steps", "2"]),
     "label_subset": Bench("bench_label_subset.py", _label_subset, quick=["--patches", "200", "--fraction", "0.05"]),

@@ -8,7 +8,9 @@ every byte a client exchanges with the store passes through it:
 - `trigger(pattern, seconds)` starts such an outage when a request containing
   ``pattern`` (e.g. ``b"PUT /bucket/run/step-00000002/"``) first passes, and cuts it;
 - `faults(probability, kind)` resets a fraction of new connections or answers
-  them with ``503 SlowDown``, as a throttled store does.
+  them with ``503 SlowDown``, as a throttled store does;
+- `latency(seconds)` holds every chunk a client sends for that long before
+  relaying it: a round trip added to each request, as a distant store has.
 
 Loopback only; it stops with its ``with`` block (daemon threads, no retries of its own).
 """
@@ -44,6 +46,7 @@ class StoreProxy:
         self._trigger: Optional[tuple[bytes, float]] = None
         self.triggered_at: Optional[float] = None
         self._fault_probability, self._fault_kind = 0.0, "reset"
+        self._latency = 0.0
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._open: set[socket.socket] = set()
@@ -74,6 +77,13 @@ class StoreProxy:
         if kind not in ("reset", "slowdown"):
             raise ValueError(f"unknown fault kind {kind!r}")
         self._fault_probability, self._fault_kind = probability, kind
+
+    def latency(self, seconds: float) -> None:
+        """Hold each chunk a client sends for ``seconds`` before relaying it (each connection on its own thread,
+        so requests in flight on other connections are not held up)."""
+        if seconds < 0:
+            raise ValueError(f"latency must be >= 0 s, got {seconds}")
+        self._latency = seconds
 
     @property
     def down(self) -> bool:
@@ -128,6 +138,8 @@ class StoreProxy:
                     self._trigger, self.triggered_at = None, time.monotonic()
                     self.outage(seconds)
                     return
+                if not down and self._latency:
+                    time.sleep(self._latency)
                 if self.down:
                     return
                 dst.sendall(data)

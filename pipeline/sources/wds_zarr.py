@@ -27,6 +27,8 @@ there" check (the Zarr chunk-file source can import them).
 from __future__ import annotations
 
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from pipeline.inventory import PlannedItems, gathered
@@ -46,7 +48,7 @@ from pipeline.sources.base import (
 )
 from pipeline.sources.wds_tar import MemberRef, TarIndex, index_tar, open_ranged, read_member
 from pipeline.sources.zarr_member import MEMBER_EXT, Location, decode_member
-from pipeline.storage import StorageUnavailable, redact_url, retrying
+from pipeline.storage import StorageUnavailable, is_local, redact_url, retrying
 
 S2_LEVEL_FOLDERS = {"L1C": "S2L1C", "L2A": "S2L2A"}
 """The S2 product folder of each ``--s2-product``, as both releases name them."""
@@ -58,6 +60,9 @@ PATCH_PX = 264
 """Patch size of both releases (DLR README: "The data has size 264x264"; TerraMesh card): the size estimate
 of a shard whose members cannot be decoded while planning."""
 _PROBES = 3
+PREFETCH_LOCATIONS = 4
+"""Locations whose members a worker fetches ahead from an object store, on as many threads (~4-8 MB each in
+SSL4EO-S12 v1.1); 0 fetches each location when it comes. `bench/bench_remote_input.py` measures the depths."""
 
 
 def product_folders(fs, split_root: str) -> list[str]:
@@ -226,25 +231,62 @@ class ZarrWebDataset(Source):
     # -- workers: one location's members, one sample per time step ---------------------------------
 
     def read(self, items: Sequence[WorkItem], split: str) -> Iterator[Result]:
-        tars = _OpenTars(self.fs)
+        spans = list(_locations(items))
+        if is_local(self.fs):  # a local disk: each location's members read when it comes, from files kept open
+            tars = _OpenTars(self.fs)
+            try:
+                for i, j in spans:
+                    members = {tag: _attempt(lambda p, r: read_member(tars.get(p), r), path, ref)
+                               for tag, path, ref in _members(items[i])}
+                    yield from self._read_location(items[i:j], split, members)
+            finally:
+                tars.close()
+            return
+        # An object store: a member is one range request, and a request costs a round trip (tens of ms) before its
+        # first byte. The next PREFETCH_LOCATIONS locations' members are fetched on threads while this one is
+        # decoded, checked and written, so the worker waits on the store only when the store is slower than it.
+        depth = PREFETCH_LOCATIONS
+        if depth <= 0:  # no read-ahead: each location's requests when it comes
+            for i, j in spans:
+                yield from self._read_location(items[i:j], split, self._fetch_members(items[i]))
+            return
+        pool = ThreadPoolExecutor(depth, thread_name_prefix="member-fetch")
         try:
-            i = 0
-            while i < len(items):
-                j = i
-                while j < len(items) and _same_location(items[j], items[i]):
-                    j += 1
-                yield from self._read_location(items[i:j], split, tars)
-                i = j
-        finally:
-            tars.close()
+            ahead: deque = deque()
+            spans_left = iter(spans)
+            for i, j in spans_left:
+                ahead.append((i, j, pool.submit(self._fetch_members, items[i])))
+                if len(ahead) >= depth:
+                    break
+            while ahead:
+                i, j, fetched = ahead.popleft()
+                members = fetched.result()  # StorageUnavailable (an outage past the window) propagates from here
+                nxt = next(spans_left, None)
+                if nxt is not None:
+                    ahead.append((*nxt, pool.submit(self._fetch_members, items[nxt[0]])))
+                yield from self._read_location(items[i:j], split, members)
+        finally:  # a reader that stops early (an error downstream) does not wait for fetches nobody will use
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _read_location(self, items: Sequence[WorkItem], split: str, tars: "_OpenTars") -> Iterator[Result]:
+    def _fetch_members(self, item: WorkItem) -> dict[str, Any]:
+        """{"s1"/"s2": member bytes, or the error reading them} of ``item``'s location, by ranged requests."""
+        return {tag: _attempt(self._fetch_range, path, ref) for tag, path, ref in _members(item)}
+
+    def _fetch_range(self, path: str, ref: MemberRef) -> bytes:
+        data = retrying(self.fs.cat_file)(path, start=ref.offset, end=ref.offset + ref.size)
+        if len(data) != ref.size:
+            raise EOFError(f"member {ref.key}.{MEMBER_EXT} truncated ({len(data)} of {ref.size} bytes)")
+        return data
+
+    def _read_location(self, items: Sequence[WorkItem], split: str, members: dict[str, Any]) -> Iterator[Result]:
+        """The samples of one location from its members' bytes (or the error that reading them gave)."""
         refs = items[0].refs
         located: dict[str, Location] = {}
         for tag in ("s1", "s2"):
-            ref = MemberRef(refs["member"], refs[f"o{tag[1]}"], refs[f"n{tag[1]}"])
             try:
-                located[tag] = decode_member(read_member(tars.get(refs[tag]), ref))
+                if isinstance(members[tag], BaseException):
+                    raise members[tag]
+                located[tag] = decode_member(members[tag])
             except StorageUnavailable:  # an outage longer than the retry window: the job stops, nothing skipped
                 raise
             except Exception as err:  # noqa: BLE001 - a damaged member loses this location only
@@ -326,6 +368,33 @@ def _by_key(index: Optional[TarIndex]) -> tuple[dict[str, tuple[MemberRef, bool]
             else:
                 out[ref.key] = (ref, bad)
     return out, repeated
+
+
+def _locations(items: Sequence[WorkItem]) -> Iterator[tuple[int, int]]:
+    """[i, j) spans of consecutive items of the same location (its samples, one per time step)."""
+    i = 0
+    while i < len(items):
+        j = i
+        while j < len(items) and _same_location(items[j], items[i]):
+            j += 1
+        yield i, j
+        i = j
+
+
+def _members(item: WorkItem) -> list[tuple[str, str, MemberRef]]:
+    """(tag, tar path, member) of the S1 and S2 members of ``item``'s location."""
+    refs = item.refs
+    return [(tag, refs[tag], MemberRef(refs["member"], refs[f"o{tag[1]}"], refs[f"n{tag[1]}"])) for tag in ("s1", "s2")]
+
+
+def _attempt(fn: Callable[..., bytes], *args: Any) -> Any:
+    """``fn(*args)``, or the error it raised for the caller to quarantine; an outage (`StorageUnavailable`) is raised."""
+    try:
+        return fn(*args)
+    except StorageUnavailable:
+        raise
+    except Exception as err:  # noqa: BLE001 - judged by `_read_location`, with the member's decoding errors
+        return err
 
 
 def _same_location(a: WorkItem, b: WorkItem) -> bool:
