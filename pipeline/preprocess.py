@@ -49,7 +49,8 @@ from pipeline.plan import plan_split
 from pipeline.sources import SOURCES, Source
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.logs import setup_logging
-from pipeline.storage import StorageUnavailable, check_writable, join, redact, redact_url, set_retry_window, url_to_fs
+from pipeline.storage import (StorageUnavailable, check_writable, join, redact, redact_url, retrying, set_retry_window,
+                              url_to_fs)
 from pipeline.inventory import ray_inventory
 from pipeline.workers import init_ray, run_shards
 
@@ -92,9 +93,10 @@ def lease(settings: PreprocessSettings, split: str, out_url: str) -> Lease:
 def run_job(settings: PreprocessSettings) -> int:
     """Every split ``settings`` asks for; the exit status: 0, or 2 after printing the error to stderr."""
     spec = settings.source_spec()
+    set_retry_window(settings.retry_window_s)  # this process, and through the environment its Ray workers
     try:
         source = spec.build()
-        if not source.fs.exists(source.root):
+        if not retrying(source.fs.exists)(source.root):
             raise PreprocessError(f"--input {redact_url(settings.input)} does not exist")
         available = source.available_splits()
     except FileNotFoundError as err:
@@ -103,6 +105,8 @@ def run_job(settings: PreprocessSettings) -> int:
         return _fail(f"--input {redact_url(settings.input)}: access denied ({redact(str(err))}); check the credentials")
     except PreprocessError as err:
         return _fail(str(err))
+    except StorageUnavailable as err:  # the input's listing outlasted the retry window
+        return _unavailable(err)
     if settings.split == "all":
         targets = [(split, join(settings.output, split)) for split in available]
     elif settings.split in available:
@@ -115,7 +119,8 @@ def run_job(settings: PreprocessSettings) -> int:
             check_writable(fs, root, settings.output)
     except PermissionError as err:
         return _fail(str(err))
-    set_retry_window(settings.retry_window_s)  # this process, and through the environment its Ray workers
+    except StorageUnavailable as err:
+        return _unavailable(err)
     try:
         with contextlib.ExitStack() as held:
             # Every output's lease before Ray starts: a run that would be refused is refused at once, and
@@ -131,10 +136,7 @@ def run_job(settings: PreprocessSettings) -> int:
     except (PreprocessError, LeaseHeld) as err:
         return _fail(str(err))
     except StorageUnavailable as err:
-        # raised in a Ray task, it arrives as Ray's error, an instance of its cause's class: print the cause
-        cause = getattr(err, "cause", None)
-        print(f"error: {cause if isinstance(cause, StorageUnavailable) else err}", file=sys.stderr)
-        return 3
+        return _unavailable(err)
     except FileNotFoundError as err:  # a source's planning found the split's files missing or incomplete
         return _fail(redact(str(err)))
     return 0
@@ -143,6 +145,14 @@ def run_job(settings: PreprocessSettings) -> int:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def _unavailable(err: StorageUnavailable) -> int:
+    """Exit status 3 after an outage longer than the retry window, its message printed. Raised in a Ray task, it
+    arrives as Ray's error, an instance of its cause's class with the traceback in its text: the cause is printed."""
+    cause = getattr(err, "cause", None)
+    print(f"error: {cause if isinstance(cause, StorageUnavailable) else err}", file=sys.stderr)
+    return 3
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ there" check (the Zarr chunk-file source can import them).
 from __future__ import annotations
 
 import re
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -61,8 +62,8 @@ PATCH_PX = 264
 of a shard whose members cannot be decoded while planning."""
 _PROBES = 3
 PREFETCH_LOCATIONS = 4
-"""Locations whose members a worker fetches ahead from an object store, on as many threads (~4-8 MB each in
-SSL4EO-S12 v1.1); 0 fetches each location when it comes. `bench/bench_remote_input.py` measures the depths."""
+"""Locations whose members a worker fetches ahead from an object store, on as many threads (a few MB each:
+~3.7 MB in `bench/bench_remote_input.py`'s synthetic archive at 264 px); 0 fetches each location when it comes. `bench/bench_remote_input.py` measures the depths."""
 
 
 def product_folders(fs, split_root: str) -> list[str]:
@@ -251,11 +252,12 @@ class ZarrWebDataset(Source):
                 yield from self._read_location(items[i:j], split, self._fetch_members(items[i]))
             return
         pool = ThreadPoolExecutor(depth, thread_name_prefix="member-fetch")
+        stop = threading.Event()
         try:
             ahead: deque = deque()
             spans_left = iter(spans)
             for i, j in spans_left:
-                ahead.append((i, j, pool.submit(self._fetch_members, items[i])))
+                ahead.append((i, j, pool.submit(self._fetch_members, items[i], stop)))
                 if len(ahead) >= depth:
                     break
             while ahead:
@@ -263,17 +265,31 @@ class ZarrWebDataset(Source):
                 members = fetched.result()  # StorageUnavailable (an outage past the window) propagates from here
                 nxt = next(spans_left, None)
                 if nxt is not None:
-                    ahead.append((*nxt, pool.submit(self._fetch_members, items[nxt[0]])))
+                    ahead.append((*nxt, pool.submit(self._fetch_members, items[nxt[0]], stop)))
                 yield from self._read_location(items[i:j], split, members)
-        finally:  # a reader that stops early (an error downstream) does not wait for fetches nobody will use
+        finally:
+            # A reader that stops early (an error downstream, an outage) leaves nothing behind: fetches not
+            # started are cancelled, and those retrying through an outage give up at their next attempt (within
+            # the 20 s longest back-off) instead of holding the process (its threads are joined at exit) for the
+            # rest of the window.
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _fetch_members(self, item: WorkItem) -> dict[str, Any]:
-        """{"s1"/"s2": member bytes, or the error reading them} of ``item``'s location, by ranged requests."""
-        return {tag: _attempt(self._fetch_range, path, ref) for tag, path, ref in _members(item)}
+    def _fetch_members(self, item: WorkItem, stop: Optional[threading.Event] = None) -> dict[str, Any]:
+        """{"s1"/"s2": member bytes, or the error reading them} of ``item``'s location, by ranged requests;
+        once ``stop`` is set, a fetch still retrying gives up at its next attempt."""
+        return {tag: _attempt(self._fetch_range, path, ref, stop) for tag, path, ref in _members(item)}
 
-    def _fetch_range(self, path: str, ref: MemberRef) -> bytes:
-        data = retrying(self.fs.cat_file)(path, start=ref.offset, end=ref.offset + ref.size)
+    def _fetch_range(self, path: str, ref: MemberRef, stop: Optional[threading.Event] = None) -> bytes:
+        if ref.size == 0:  # no request: an empty range is invalid HTTP, and stores answer it with the whole tar
+            return b""
+
+        def cat_file(path: str, start: int, end: int) -> bytes:
+            if stop is not None and stop.is_set():
+                raise ReadAbandoned("the reader stopped")  # not transient: the retries end here
+            return self.fs.cat_file(path, start=start, end=end)
+
+        data = retrying(cat_file)(path, ref.offset, ref.offset + ref.size)
         if len(data) != ref.size:
             raise EOFError(f"member {ref.key}.{MEMBER_EXT} truncated ({len(data)} of {ref.size} bytes)")
         return data
@@ -385,6 +401,10 @@ def _members(item: WorkItem) -> list[tuple[str, str, MemberRef]]:
     """(tag, tar path, member) of the S1 and S2 members of ``item``'s location."""
     refs = item.refs
     return [(tag, refs[tag], MemberRef(refs["member"], refs[f"o{tag[1]}"], refs[f"n{tag[1]}"])) for tag in ("s1", "s2")]
+
+
+class ReadAbandoned(RuntimeError):
+    """A read-ahead fetch given up because its reader stopped (never transient: no retry follows)."""
 
 
 def _attempt(fn: Callable[..., bytes], *args: Any) -> Any:

@@ -75,21 +75,26 @@ def test_planning_and_reading_outlast_outages_and_throttling(archives, source, s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", sorted(ARCHIVES))
-def test_an_outage_longer_than_the_retry_window_stops_the_job(archives, source, s3_bucket, store_proxy, tmp_path):
-    """The store goes down once the shard tasks start and stays down: the job stops with exit 3 and an error naming
-    the file it was reading, commits nothing and quarantines nothing (a rerun later builds the whole set)."""
+@pytest.mark.parametrize("source,when", [("ssl4eo-wds", "shard tasks"), ("ssl4eo-zarr", "shard tasks"),
+                                         ("ssl4eo-wds", "listing")])
+def test_an_outage_longer_than_the_retry_window_stops_the_job(archives, source, when, s3_bucket, store_proxy,
+                                                              tmp_path):
+    """The store goes down (once the shard tasks start, or before the job lists its input) and stays down: the job
+    stops with exit 3 and an error naming what it was reading, commits nothing and quarantines nothing (a rerun
+    later builds the whole set)."""
     url = f"{s3_bucket}/{source}"
     fresh_s3fs().put(str(archives / source), url, recursive=True)
     out = tmp_path / "out"
     env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": store_proxy.url, "PYTHONUNBUFFERED": "1"}
+    if when == "listing":
+        store_proxy.outage(600)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.preprocess", "--no-progress", "--source", source, "--input", url,
          "--output", str(out), "--split", "train", "--workers", "1", "--retry-window-s", "3",
          "--storage-options", json.dumps(NO_INNER_RETRIES)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
-    for line in proc.stdout:  # the plan is made: the shard tasks start now
+    for line in proc.stdout if when == "shard tasks" else ():  # the plan is made: the shard tasks start now
         lines.append(line)
         if "] planned " in line:
             store_proxy.outage(600)
@@ -100,7 +105,8 @@ def test_an_outage_longer_than_the_retry_window_stops_the_job(archives, source, 
     assert time.monotonic() - t0 < 120  # the 3 s window, not the outage's 600 s
     error = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "storage unreachable" in error[0], stderr[-3000:]
-    assert f"{url.removeprefix('s3://')}/train/" in error[0]  # the file being read when the window ran out
+    # the file being read when the window ran out, or the input folder being listed
+    assert url.removeprefix("s3://") + ("/train/" if when == "shard tasks" else "") in error[0]
     assert "Traceback" not in error[0]
     assert not (out / "manifest.json").exists() and not (out / "quarantine.jsonl").exists()
 
@@ -118,3 +124,64 @@ def test_every_read_ahead_depth_reads_the_same_samples(archives, s3_bucket, dept
     monkeypatch.setattr(wds_zarr, "PREFETCH_LOCATIONS", depth)
     got, rejected, _ = _read("ssl4eo-wds", url, SourceOptions(storage_options={"skip_instance_cache": True}))
     assert rejected == [] and got == want
+
+
+def test_a_zero_byte_member_reads_alike_from_s3_without_fetching_its_tar(tmp_path, s3_bucket, store_proxy):
+    """An empty member (a damaged release) is quarantined with the reason a local read gives; an empty byte range
+    is never requested (stores answer that invalid range with the whole object: GBs for a release's tar)."""
+    import tarfile
+
+    from pipeline.synthetic.wds_zarr import write_tar
+
+    root = tmp_path / "archive"
+    synthetic.make_ssl4eo_wds(root, splits={"train": 1}, samples_per_shard=2, size=18)
+    for tar in root.glob("train/*/*.tar"):
+        with tarfile.open(tar) as t:
+            members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+        write_tar(tar, members + [("zz_empty.zarr.zip", b"")])
+    url = f"{s3_bucket}/archive"
+    fresh_s3fs().put(str(root), url, recursive=True)
+    _, local, _ = _read("ssl4eo-wds", str(root), SourceOptions())
+    assert [key for key, _ in local] == [f"zz_empty_t{t}" for t in range(4)]  # each planned time step of it
+    reader = SOURCES["ssl4eo-wds"](url, SourceOptions(storage_options={"skip_instance_cache": True,
+                                                                       "endpoint_url": store_proxy.url}))
+    items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    store_proxy.reset()
+    results = list(reader.read(list(items), "train"))
+    details = [(r.key, r.reason, r.detail) for r in results if not isinstance(r, Sample)]
+    local_reader = SOURCES["ssl4eo-wds"](str(root), SourceOptions())
+    local_items, _ = local_reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    assert details == [(r.key, r.reason, r.detail) for r in local_reader.read(list(local_items), "train")
+                       if not isinstance(r, Sample)]
+    assert store_proxy.received < sum(p.stat().st_size for p in root.glob("train/*/*.tar"))  # no tar fetched whole
+
+
+def test_a_reader_stopped_during_an_outage_leaves_no_fetch_behind(archives, s3_bucket, store_proxy, monkeypatch):
+    """Read-ahead threads retrying through an outage give up once their reader is closed (a shard task that failed
+    downstream), well within the retry window, instead of holding the process until the window ends."""
+    import threading
+
+    import s3fs
+
+    from pipeline.storage import set_retry_window
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    set_retry_window(900)
+    url = f"{s3_bucket}/ssl4eo-wds"
+    fresh_s3fs().put(str(archives / "ssl4eo-wds"), url, recursive=True)
+    reader = SOURCES["ssl4eo-wds"](url, SourceOptions(storage_options={"skip_instance_cache": True,
+                                                                       "endpoint_url": store_proxy.url,
+                                                                       **NO_INNER_RETRIES}))
+    items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    fetchers = lambda: [t for t in threading.enumerate() if t.name.startswith("member-fetch")]  # noqa: E731
+    before = set(fetchers())
+    store_proxy.latency(1.0)  # every request takes a second: the next locations' fetches are still in flight
+    results = reader.read(list(items), "train")
+    next(results)  # the first location's samples: its fetch is done, the next ones' are running
+    store_proxy.outage(600)  # their connections cut, new ones refused: they retry (for up to 900 s)
+    assert set(fetchers()) - before
+    results.close()
+    deadline = time.monotonic() + 60
+    while set(fetchers()) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(fetchers()) - before
