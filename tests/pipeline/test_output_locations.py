@@ -209,3 +209,25 @@ def test_the_job_refuses_memory_urls_clearly(tmp_path, flag):
     assert proc.returncode == 2
     assert f"{flag} memory://somewhere/x: an in-memory filesystem lives inside one process" in proc.stderr
     assert "Ray instance" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_outage_while_shards_are_uploaded_is_waited_out(archive, clean, s3_bucket, store_proxy):
+    """S3 goes down for 10 s as the second shard's PUT starts (the request cut, every new connection refused):
+    longer than s3fs's own retries last, with botocore's off, so the upload reaches the job's retry window, which
+    waits the outage out. The set is the clean run's, byte for byte, and nothing is quarantined."""
+    import boto3
+
+    bucket = s3_bucket[len("s3://"):]
+    store_proxy.trigger(f"PUT /{bucket}/shards/train-000001.tar".encode(), 10.0)
+    proc = run_module("pipeline.preprocess", *ARGS, "--input", str(archive[0]), "--output", f"{s3_bucket}/shards",
+                      *A, "--storage-options", json.dumps({"config_kwargs": {"retries": {"max_attempts": 1}}}),
+                      env={"AWS_ENDPOINT_URL": store_proxy.url})
+    assert store_proxy.triggered_at is not None and store_proxy.refused > 0
+    assert "retrying for up to" in proc.stderr and "succeeded again after" in proc.stderr  # our window, not s3fs's
+    s3 = boto3.client("s3")  # the endpoint itself, from the environment
+    body = lambda key: s3.get_object(Bucket=bucket, Key=f"shards/{key}")["Body"].read()  # noqa: E731
+    m = json.loads(body("manifest.json"))
+    assert without_run(m) == without_run(read_manifest(clean)) and m["totals"]["quarantined"] == 0
+    for s in m["shards"]:
+        assert body(s["name"]) == (clean / s["name"]).read_bytes()
