@@ -83,7 +83,7 @@ def damaged_shards(fs: Any, root: str, manifest: dict[str, Any], verify: str) ->
     for shard in manifest.get("shards", []):
         path = f"{root}/{shard['name']}"
         try:
-            ok = fs.size(path) == shard["bytes"] and (verify != "sha256" or sha256_remote(fs, path) == shard["sha256"])
+            ok = retrying(fs.size)(path) == shard["bytes"] and (verify != "sha256" or sha256_remote(fs, path) == shard["sha256"])
         except FileNotFoundError:
             ok = False
         if not ok:
@@ -127,7 +127,7 @@ def commit_split(settings: PreprocessSettings, plan: SplitPlan, records: dict[in
     manifest.write(out_url, settings.storage_options)
     if settings.overwrite:  # shards of an older, different plan that this one did not rewrite
         keep = {rec["name"] for rec in published}
-        for path in fs.glob(f"{root}/{plan.split}-*.tar"):
+        for path in retrying(fs.glob)(f"{root}/{plan.split}-*.tar"):
             if path.rsplit("/", 1)[-1] not in keep:
                 retrying(fs.rm_file)(path)
     print(f"[{plan.split}] wrote {n_written} samples in {len(published)} shards, quarantined {len(rejections)}, "

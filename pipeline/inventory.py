@@ -263,6 +263,9 @@ def ray_inventory(fn: InventoryFn, args: Iterable[Any]) -> list[tuple[Chunk, lis
 
 
 def _inventory(fn: InventoryFn, arg: Any) -> tuple[Summary, list[WorkItem], list[Rejection]]:
+    from pipeline.logs import drop_orphaned_connection_errors
+
+    drop_orphaned_connection_errors()  # Ray workers do not run the driver's logging setup
     items, rejections = fn(arg)
     return Summary.of(items), items, rejections
 

@@ -102,7 +102,7 @@ class Lease:
         try:
             retrying(self.fs.pipe_file)(self.path, data, mode="create")
         except (FileExistsError, OSError) as err:  # S3 answers 412 PreconditionFailed when it exists
-            if isinstance(err, FileExistsError) or self.fs.exists(self.path):
+            if isinstance(err, FileExistsError) or retrying(self.fs.exists)(self.path):
                 return False
             raise
         return True
@@ -133,20 +133,38 @@ class Lease:
         held = self.holder()
         return held is not None and held.get("owner") == self.owner
 
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lease if it is still ours."""
+    def release(self, patient: bool = True) -> None:
+        """Stop the heartbeat and remove the lease if it is still ours.
+
+        ``patient``: storage calls wait out transient errors for the retry window. A run that is already
+        stopping on an error (an outage that outlasted the window, most often) releases with one attempt
+        instead: where it fails, the lease stays behind and the next run takes it over (its process is
+        gone, or its heartbeat goes stale), and the error the run stops on is the one reported."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._thread is None:
+            return
+        self._thread.join(timeout=5)
+        self._thread = None
+        if patient:
             if self.owns():
                 retrying(self.fs.rm_file)(self.path)
+            return
+        try:
+            held = json.loads(self.fs.cat_file(self.path))
+            if held.get("owner") == self.owner:
+                self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+        except Exception as err:  # noqa: BLE001 - the run's own error is already on its way
+            log.warning("could not release the lease of %s (%s: %s); the next run takes it over once this "
+                        "process is gone or its heartbeat is %.0f s old (or at once with --force)",
+                        redact_url(self.url), type(err).__name__, redact_url(str(err)), self.stale_after_s)
 
     def __enter__(self) -> "Lease":
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: Optional[type], *exc: object) -> None:
+        self.release(patient=exc_type is None)
 
 
 def _dead_here(held: dict[str, Any]) -> bool:

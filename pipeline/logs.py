@@ -6,6 +6,12 @@ INFO lines; under a job's INFO level they would drown its progress. `setup_loggi
 the root level for the project and holds `LIBRARY_LOGGERS` at WARNING unless the user
 asks for more with ``FUSMAE_LIBRARY_LOG_LEVEL`` (e.g. ``DEBUG`` to see every S3 request).
 (Ray's worker processes keep their root logger at WARNING, so only the driver needs this.)
+
+One asyncio ERROR is dropped too (`drop_orphaned_connection_errors`): when a connection is cut while
+aiohttp sends a request (an S3 outage), the request fails and s3fs sees it (our retries log it once), but
+aiohttp's own sending task holds the same error and asyncio prints it with a traceback, "Task exception
+was never retrieved", once per cut request: pages of tracebacks that look like a crash during an outage
+the job waits out.
 """
 
 from __future__ import annotations
@@ -38,7 +44,27 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(level)
 
 
+class _OrphanedConnectionErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for connection errors (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        orphaned = isinstance(exc, ConnectionError) and str(record.msg).startswith("Task exception was never retrieved")
+        return not orphaned or library_level() <= logging.DEBUG
+
+
+_ORPHANED = _OrphanedConnectionErrors()
+
+
+def drop_orphaned_connection_errors() -> None:
+    """Install the filter on asyncio's logger (idempotent); Ray tasks that use S3 call it too."""
+    logger = logging.getLogger("asyncio")
+    if _ORPHANED not in logger.filters:
+        logger.addFilter(_ORPHANED)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """The root logger at ``level`` with the project's format, and the libraries quietened."""
     logging.basicConfig(level=level, format=FORMAT)
     quiet_libraries()
+    drop_orphaned_connection_errors()

@@ -16,7 +16,7 @@ from pipeline.inventory import ChunkPart, PlannedItems, as_planned, shard_finger
 from pipeline.job import PreprocessError, PreprocessSettings, fingerprint, progress_path
 from pipeline.shards import SHARD_NAME
 from pipeline.sources import Rejection, Source, WorkItem
-from pipeline.storage import read_bytes, redact_url, sha256_remote, url_to_fs
+from pipeline.storage import read_bytes, redact_url, retrying, sha256_remote, url_to_fs
 
 MapFn = Callable[[Callable, Sequence], list]
 
@@ -137,7 +137,7 @@ def reusable_record(fs, root: str, task: ShardTask, verify: str) -> Optional[dic
         return record
     tar = f"{root}/{task.name}"
     try:
-        if fs.size(tar) != record["bytes"]:
+        if retrying(fs.size)(tar) != record["bytes"]:
             return None
         if verify == "sha256" and sha256_remote(fs, tar) != record["sha256"]:
             return None

@@ -278,8 +278,9 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 
 def sha256_remote(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:
+    """sha256 of a stored file, read in ``chunk``-byte pieces; each read outlasts transient errors (`RetryingFile`)."""
     h = hashlib.sha256()
-    with fs.open(path, "rb", block_size=chunk) as f:
+    with RetryingFile(fs, path, block_size=chunk) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -342,8 +343,10 @@ def check_writable(fs: fsspec.AbstractFileSystem, base: str, url: Optional[str] 
         if is_local(fs):
             os.makedirs(base, exist_ok=True)
         write_bytes_atomic(fs, probe, b"")
-        fs.rm_file(probe)
-    except Exception as err:  # noqa: BLE001 - any failure here means "cannot write"
+        retrying(fs.rm_file)(probe)
+    except StorageUnavailable:  # an outage longer than the retry window: not a refusal, the run stops as for one
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure here means "cannot write"
         hint = ("; check the credentials (environment, profile or storage options)"
                 if isinstance(err, PermissionError) and not is_local(fs) else "")
         raise PermissionError(f"output location is not writable: {redact_url(url or base)} "

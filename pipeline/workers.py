@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from pipeline.logs import drop_orphaned_connection_errors
 from pipeline.job import STAGING_PREFIX, PreprocessSettings, SourceSpec, progress_path
 from pipeline.plan import ShardTask, SplitPlan
 from pipeline.shards import Sample, ShardWriter
@@ -100,6 +101,7 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
     The returned record also holds ``task_seconds``, how long this call took; the progress record written
     beside the shard does not (it is part of the job's deterministic output)."""
     started = time.perf_counter()
+    drop_orphaned_connection_errors()  # Ray workers do not run the driver's logging setup
     source = spec.build()
     fs, root = url_to_fs(out_url, storage_options)
     tally = _Tally(BandMoments.zeros(len(source.s1_bands)), BandMoments.zeros(len(source.s2_bands)))

@@ -231,3 +231,38 @@ def test_an_outage_while_shards_are_uploaded_is_waited_out(archive, clean, s3_bu
     assert without_run(m) == without_run(read_manifest(clean)) and m["totals"]["quarantined"] == 0
     for s in m["shards"]:
         assert body(s["name"]) == (clean / s["name"]).read_bytes()
+
+
+@pytest.mark.slow
+def test_an_outage_at_the_commit_stops_the_job_uncommitted_and_a_rerun_reuses_every_shard(archive, clean, s3_bucket,
+                                                                                           store_proxy):
+    """S3 goes down for good as the manifest's PUT starts, with a 3 s retry window: the job stops with exit 3 and
+    the message names the manifest, the set is not committed, and the lease is not waited for a second time. A
+    rerun once the store is back takes the lease over, reuses every shard (their progress records and sha256
+    check out) and commits the clean run's set, byte for byte."""
+    import boto3
+
+    bucket = s3_bucket[len("s3://"):]
+    args = ["--input", str(archive[0]), "--output", f"{s3_bucket}/shards", *A]
+    store_proxy.trigger(f"PUT /{bucket}/shards/manifest.json".encode(), 600.0)
+    proc = run_module("pipeline.preprocess", *ARGS, *args, "--retry-window-s", "3", "--storage-options",
+                      json.dumps({"config_kwargs": {"retries": {"max_attempts": 1}}}),
+                      env={"AWS_ENDPOINT_URL": store_proxy.url}, check=False)
+    assert store_proxy.triggered_at is not None
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: storage unreachable for") and "shards/manifest.json" in last, last
+    assert "Traceback" not in proc.stderr and "could not release the lease" in proc.stderr
+    s3 = boto3.client("s3")  # the endpoint itself, from the environment
+    stored = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="shards/").get("Contents", [])}
+    names = [s["name"] for s in read_manifest(clean)["shards"]]
+    assert "shards/manifest.json" not in stored and {f"shards/{n}" for n in names} <= stored
+
+    store_proxy.outage(0.0)
+    rerun = preprocess(*args)
+    assert f"reusing {len(names)} shards completed by an earlier run" in rerun.stdout
+    body = lambda key: s3.get_object(Bucket=bucket, Key=f"shards/{key}")["Body"].read()  # noqa: E731
+    m = json.loads(body("manifest.json"))
+    assert without_run(m) == without_run(read_manifest(clean))
+    for s in m["shards"]:
+        assert body(s["name"]) == (clean / s["name"]).read_bytes()
