@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -46,9 +47,25 @@ def run_job(args: argparse.Namespace, load: Callable[[str, list[str]], Any], job
     try:
         job(cfg)
     except (ConfigError, LeaseHeld, *user_errors) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {message(err)}", file=sys.stderr, flush=True)
         return 2
     except StorageUnavailable as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {message(err)}", file=sys.stderr, flush=True)
         return 3
     return 0
+
+
+_FROM_WORKER = re.compile(r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback")
+
+
+def message(err: BaseException) -> str:
+    """What to print for ``err``: its message. An error raised in a DataLoader worker reaches the main process
+    as a new one whose text is "Caught X in DataLoader worker process N. Original Traceback ..." and the
+    worker's whole traceback (torch's ``ExceptionWrapper``): its own message is taken back out of it."""
+    text = str(err)
+    caught = _FROM_WORKER.match(text)
+    marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+    at = text.rfind(marker)
+    if caught is None or at < 0:
+        return text
+    return f"{text[at + len(marker):].strip()} ({caught.group(1)})"

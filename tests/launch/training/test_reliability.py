@@ -144,3 +144,23 @@ def test_a_missing_manifest_is_a_clear_error_not_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert f"error: data.manifest: manifest not found: {tmp_path / 'nope' / 'manifest.json'}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_data_outage_longer_than_the_retry_window_exits_3_naming_the_shard(shards, tmp_path, s3_bucket,
+                                                                               store_proxy):
+    """The shards on S3; the store goes down for good as training first reads the third shard, with a 3 s retry
+    window: `launch/train.py` stops with exit code 3 and one line naming the shard (README: exit codes), no
+    traceback. botocore's retries are off: s3fs nests its own (5 x 5 attempts a ranged read), and with botocore's
+    3 under each, one read takes about a minute to give up during an outage."""
+    bucket = s3_bucket.removeprefix("s3://")
+    fresh_s3fs().put(str(shards), f"{s3_bucket}/shards", recursive=True)
+    store_proxy.trigger(f"GET /{bucket}/shards/train-000002.tar".encode(), 600.0)
+    proc = deepspeed(1, "launch/train.py", "--config", DEBUG, f"data.manifest={s3_bucket}/shards/manifest.json",
+                     f"run.dir={tmp_path / 'run'}", "train.log_every=1", "data.num_workers=1", "train.max_steps=40",
+                     "storage.retry_window_s=3", "data.storage_options.config_kwargs.retries.max_attempts=1",
+                     env={"AWS_ENDPOINT_URL": store_proxy.url}, check=False)
+    assert store_proxy.triggered_at is not None, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "storage unreachable" in errors[-1] and "train-000002.tar" in errors[-1], errors
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
