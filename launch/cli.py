@@ -64,7 +64,8 @@ def message(err: BaseException) -> str:
     worker's whole traceback (torch's ``ExceptionWrapper``): its own message is taken back out of it."""
     text = str(err)
     caught = _FROM_WORKER.match(text)
-    marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+    kind, module = type(err).__qualname__, type(err).__module__
+    marker = f"{kind if module in ('builtins', '__main__') else f'{module}.{kind}'}: "  # as `traceback` names it
     at = text.rfind(marker)
     if caught is None or at < 0:
         return text

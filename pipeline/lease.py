@@ -24,7 +24,8 @@ import time
 import uuid
 from typing import Any, Optional
 
-from pipeline.storage import is_local, read_bytes, redact_url, retrying, url_to_fs, write_bytes_atomic
+from pipeline.storage import (StorageUnavailable, is_local, read_bytes, redact_url, retrying, url_to_fs,
+                              write_bytes_atomic)
 
 log = logging.getLogger("pipeline.lease")
 LEASE = "_lease.json"
@@ -59,6 +60,8 @@ class Lease:
             held = self.holder()
             if held is None:  # released between our attempt and the read: try again
                 continue
+            if held.get("owner") == self.owner:  # our own create landed, its reply was lost and the retry refused
+                break
             age = time.time() - float(held.get("heartbeat", 0))
             if not self.force and age <= self.stale_after_s and not _dead_here(held):
                 raise LeaseHeld(
@@ -137,13 +140,14 @@ class Lease:
         """Stop the heartbeat and remove the lease if it is still ours.
 
         ``patient``: storage calls wait out transient errors for the retry window. A run that is already
-        stopping on an error (an outage that outlasted the window, most often) releases with one attempt
+        stopping on an outage that outlasted the window (`StorageUnavailable`) releases with one attempt
         instead: where it fails, the lease stays behind and the next run takes it over (its process is
         gone, or its heartbeat goes stale), and the error the run stops on is the one reported."""
         self._stop.set()
         if self._thread is None:
             return
-        self._thread.join(timeout=5)
+        # Patient: a heartbeat still retrying its write must not put the lease back after it is removed.
+        self._thread.join(timeout=None if patient else 5)
         self._thread = None
         if patient:
             if self.owns():
@@ -164,7 +168,9 @@ class Lease:
         return self.acquire()
 
     def __exit__(self, exc_type: Optional[type], *exc: object) -> None:
-        self.release(patient=exc_type is None)
+        # A run stopping on an outage that outlasted the window does not wait it out again; on any other error
+        # the store is up and the lease is released as usual (a stray 503 must not leave it behind).
+        self.release(patient=exc_type is None or not issubclass(exc_type, StorageUnavailable))
 
 
 def _dead_here(held: dict[str, Any]) -> bool:

@@ -44,13 +44,26 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(level)
 
 
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
 class _OrphanedConnectionErrors(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for connection errors (see the module docstring)."""
+    """Drops asyncio's "... exception was never retrieved" for connection trouble (see the module docstring):
+    a built-in ConnectionError (aiohttp's resets are ones too) or what `is_transient` calls transient
+    (aiohttp's ServerDisconnectedError, ClientOSError)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        orphaned = isinstance(exc, ConnectionError) and str(record.msg).startswith("Task exception was never retrieved")
-        return not orphaned or library_level() <= logging.DEBUG
+        if exc is None or not str(record.msg).startswith(_NEVER_RETRIEVED):
+            return True
+        from pipeline.storage import is_transient
+
+        if not (isinstance(exc, ConnectionError) or is_transient(exc)):
+            return True
+        try:
+            return library_level() <= logging.DEBUG
+        except ValueError:  # a bad FUSMAE_LIBRARY_LOG_LEVEL, reported by the command that reads it
+            return False
 
 
 _ORPHANED = _OrphanedConnectionErrors()

@@ -26,7 +26,20 @@ def test_an_error_from_a_dataloader_worker_is_printed_as_its_own_message():
     assert message(caught.value) == f"{WHY} (in DataLoader worker process 0)"
 
 
+class _Builtin(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise KeyError("s2.npy")  # `traceback` names built-in types without their module
+
+
+def test_a_builtin_error_from_a_worker_is_unwrapped_too():
+    with pytest.raises(KeyError) as caught:
+        next(iter(torch.utils.data.DataLoader(_Builtin(), batch_size=None, num_workers=1)))
+    assert message(caught.value) == "'s2.npy' (in DataLoader worker process 0)"
+
+
 def test_other_errors_are_printed_as_they_are():
     assert message(StorageUnavailable(WHY)) == WHY
-    multi = ValueError("Caught nothing in DataLoader worker process 0.\nOriginal Traceback (not torch's)")
-    assert message(multi) == str(multi)
+    # torch's first line, but no line naming the error after it: left whole
+    lookalike = StorageUnavailable("Caught StorageUnavailable in DataLoader worker process 0.\nOriginal Traceback "
+                                   "(most recent call last): cut short")
+    assert message(lookalike) == str(lookalike)

@@ -34,6 +34,19 @@ def test_exclusive_create_lets_only_one_of_two_racing_writers_win(tmp_path, s3_b
         assert os.listdir(tmp_path / "race") == [LEASE]  # no private file left behind by either
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_lease_already_holding_this_owner_is_taken_not_refused(tmp_path, s3_bucket, where):
+    """A retried create whose first attempt landed (its reply lost in an outage) finds the lease it wrote: the
+    store refuses the retry, and the lease it finds is this run's own, fresh, from this live process."""
+    url = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/out"
+    first = Lease(url, "job", owner="0123456789abcdef")
+    assert first._create() is True  # what the lost attempt left in the store
+    again = Lease(url, "job", owner="0123456789abcdef")
+    with again:
+        assert again.owns()
+    assert again.holder() is None
+
+
 def test_a_stale_or_dead_holder_is_taken_over_and_force_takes_a_fresh_one(tmp_path):
     url = str(tmp_path / "out")
     os.makedirs(url)

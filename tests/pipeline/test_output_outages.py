@@ -80,6 +80,7 @@ def test_finding_reusable_shards_outlasts_an_outage(out, store_proxy):
         assert reusable_record(fs, root, task, verify) == record
         assert store_proxy.triggered_at is not None and store_proxy.refused > 0
         store_proxy.triggered_at = None
+        store_proxy.reset()
 
 
 def test_the_write_probe_reports_an_outage_as_one_not_as_a_refusal(out, store_proxy):
@@ -111,6 +112,19 @@ def test_a_run_stopping_on_an_error_releases_its_lease_once_and_reports_its_own_
     assert not fresh_s3fs().exists(f"{root}/{LEASE}")
 
 
+def test_a_run_stopping_on_another_error_releases_its_lease_through_a_short_outage(out, store_proxy):
+    """Any other error (a bad input, Ctrl-C) comes with the store up: the release is patient, so a blip as it
+    reads the lease does not leave the lease behind to refuse the next run for 5 minutes."""
+    fs, root, _ = out
+    options = {"skip_instance_cache": True, "endpoint_url": store_proxy.url, **NO_INNER_RETRIES}
+    with pytest.raises(ValueError, match="bad input"):
+        with Lease(f"s3://{root}", "test", options):
+            store_proxy.trigger(f"GET /{root}/{LEASE}".encode(), 3.0)
+            raise ValueError("bad input")
+    assert store_proxy.triggered_at is not None
+    assert not fresh_s3fs().exists(f"{root}/{LEASE}")
+
+
 def _orphan(exc: BaseException) -> None:
     """A task that fails with ``exc`` and is never awaited, collected: asyncio logs it as aiohttp's are logged."""
     import asyncio
@@ -139,6 +153,10 @@ def test_aiohttps_orphaned_connection_errors_are_dropped_and_nothing_else(caplog
     assert len(logging.getLogger("asyncio").filters) == 1
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         _orphan(ConnectionResetError("Cannot write to closing transport"))
+        assert "never retrieved" not in caplog.text
+        from aiohttp import ServerDisconnectedError
+
+        _orphan(ServerDisconnectedError())  # not a built-in ConnectionError: transient by `is_transient`
         assert "never retrieved" not in caplog.text
         _orphan(ValueError("a real bug"))
         assert "Task exception was never retrieved" in caplog.text and "a real bug" in caplog.text
