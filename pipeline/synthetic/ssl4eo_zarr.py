@@ -38,6 +38,8 @@ SSL4EO_ZARR_PRODUCTS = (S1_PRODUCT, *S2_PRODUCTS.values())
 # Band names as the release spells them (the dataset card's xarray listing: 'B01' ... 'B8A', 'vv', 'vh').
 RELEASE_BAND_NAMES = {"B8A": "B8A", "VV": "vv", "VH": "vh", **{f"B{i}": f"B{i:02d}" for i in range(1, 13)}}
 S1Order = Union[str, Sequence[int]]
+FORMS = ("release", "coordinates")
+"""How a file holds its metadata: see ``form`` in `make_ssl4eo_zarr`."""
 _S2_BANDS = {"L1C": S2_L1C_BANDS, "L2A": S2_L2A_BANDS}
 _LEVEL_OF = {product: level for level, product in S2_PRODUCTS.items()}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # earliest date a zip entry can carry: no wall-clock time in the files
@@ -45,7 +47,8 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # earliest date a zip entry can carry: no wal
 
 def make_ssl4eo_zarr(root: str | Path, splits: Mapping[str, int] | None = None, samples_per_file: int = 4,
                      size: int = 264, seed: int = 0,
-                     products: Sequence[str] = SSL4EO_ZARR_PRODUCTS, s1_order: S1Order = "product_name") -> dict:
+                     products: Sequence[str] = SSL4EO_ZARR_PRODUCTS, s1_order: S1Order = "product_name",
+                     form: str = "release") -> dict:
     """Write an SSL4EO-S12 v1.1 archive of zipped Zarr v2 stores, in the forms the release uses.
 
     Layout: ``root/{split}/{product}/ssl4eos12_{split}_seasonal_data_{NNNNNN}.zarr.zip``,
@@ -72,6 +75,10 @@ def make_ssl4eo_zarr(root: str | Path, splits: Mapping[str, int] | None = None, 
     release); or a permutation of range(4) applied to every location's cube and file_id
     (time_ stays sorted), for tests. S2 is always chronological.
 
+    ``form``: "release" as above; "coordinates" holds the same values in the other form the reader accepts:
+    every per-sample variable a coordinate, bands spelt 'B1' .. 'B12', 'B8A', 'VV', 'VH', and ``crs`` the
+    string 'EPSG:326zz' (the listings of the dataset card and of its loaders differ on these points).
+
     ``splits``: files per split, default {"train": 2, "val": 1}. ``size`` must be a
     multiple of 6. Returns {"root", "size", "products", "splits": {split: {"files":
     {product: [path, ...]}, "samples": [[id, ...] per file]}}, "s1_order": {id: [k, ...]}}
@@ -82,6 +89,8 @@ def make_ssl4eo_zarr(root: str | Path, splits: Mapping[str, int] | None = None, 
 
     check_size(size)
     splits = {"train": 2, "val": 1} if splits is None else dict(splits)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     unknown = set(products) - set(SSL4EO_ZARR_PRODUCTS)
     if unknown:
         raise ValueError(f"unknown products {sorted(unknown)}; choose from {SSL4EO_ZARR_PRODUCTS}")
@@ -100,7 +109,7 @@ def make_ssl4eo_zarr(root: str | Path, splits: Mapping[str, int] | None = None, 
             result["s1_order"].update({loc.name: o for loc, o in zip(locs, orders)})
             cubes = _render_cubes(seed, locs, products, size)
             for product in products:
-                ds, encoding = _dataset(locs, product, cubes[product], orders)
+                ds, encoding = _dataset(locs, product, cubes[product], orders, form)
                 path = root / split / product / FILE_NAME.format(split=split, number=number)
                 _write_zarr_zip(ds, encoding, path)
                 files[product].append(str(path))
@@ -143,12 +152,13 @@ def _encode_s2(reflectance: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(reflectance) + S2_OFFSET, S2_NODATA + 1, np.iinfo(np.int16).max).astype(np.int16)
 
 
-def _dataset(locs: Sequence[Location], product: str, cubes: np.ndarray, s1_orders: Sequence[Sequence[int]]):
+def _dataset(locs: Sequence[Location], product: str, cubes: np.ndarray, s1_orders: Sequence[Sequence[int]],
+             form: str = "release"):
     """The xarray Dataset of one SSL4EO-S12 v1.1 file, and its Zarr encoding.
 
     ``cubes``: (sample, 4, band, size, size), already encoded (int16 S2 with offset, float16 S1 dB),
     time steps chronological; S1 cube and file_id are reordered here by ``s1_orders``, while time_
-    stays chronological, as the release keeps it.
+    stays chronological, as the release keeps it. ``form``: see `make_ssl4eo_zarr`.
     """
     import xarray as xr
 
@@ -192,6 +202,10 @@ def _dataset(locs: Sequence[Location], product: str, cubes: np.ndarray, s1_order
     }
     if not s1:
         encoding["cloud_mask"] = {"chunks": (1, 4, size, size)}
+    if form == "coordinates":
+        ds = ds.assign_coords(band=np.array(list(bands)),
+                              crs=("sample", np.array([f"EPSG:{loc.footprint.epsg}" for loc in locs])))
+        ds = ds.set_coords([name for name in ds.data_vars if name not in ("bands", "cloud_mask")])
     return ds, encoding
 
 
