@@ -26,7 +26,12 @@ def main(argv=None) -> int:
     def train(cfg) -> None:
         from launch.training.trainer import Trainer
 
-        Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        except BaseException as err:  # a non-finite loss, an outage, Ctrl-C: checkpoint.dir is given back
+            trainer.release_lease(err)
+            raise
 
     return run_job(args, load_config, train, user_errors=(NonFiniteLoss,))
 

@@ -35,7 +35,7 @@ from model import FusMAE
 from model.flops import estimate_flops_per_sample
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import load_manifest
-from pipeline.storage import join, redact_url, set_retry_window
+from pipeline.storage import StorageUnavailable, join, redact_url, set_retry_window
 
 log = logging.getLogger("launch.training.trainer")
 
@@ -137,7 +137,19 @@ class Trainer:
         if ckpt.dir:
             self.lease = Lease(ckpt.dir, f"launch/train.py run {self.run_id[:12]}", ckpt.storage_options,
                                force=ckpt.force_lease).acquire()
-        return self._resolve_resume()
+        try:
+            return self._resolve_resume()
+        except BaseException as err:  # a resume the folder cannot give: the folder is free for the corrected run
+            self.release_lease(err)
+            raise
+
+    def release_lease(self, error: Optional[BaseException] = None) -> None:
+        """Give checkpoint.dir back (rank 0): at the end of training, or as the run stops on ``error``. After an
+        outage that outlasted the retry window the release is tried once (`Lease.release`); a lease left
+        behind is taken over by the next run once this process is gone or its heartbeat is stale."""
+        if self.lease is not None:
+            self.lease.release(patient=not isinstance(error, StorageUnavailable))
+            self.lease = None
 
     def _resolve_resume(self) -> Optional[Committed]:
         """Rank 0 only: the checkpoint to load, after cleaning what an interrupted run left behind."""
@@ -263,8 +275,7 @@ class Trainer:
         if self.step >= cfg.train.max_steps:
             self.export()
         distributed.barrier()
-        if self.lease is not None:
-            self.lease.release()
+        self.release_lease()
         print(f"rank {self.rank} finished {self.step} steps", flush=True)
 
     def checkpoint(self) -> float:

@@ -63,6 +63,11 @@ def test_a_second_run_on_the_same_checkpoint_folder_is_refused_and_a_killed_one_
     assert "taking over the lease" in resumed.stdout + resumed.stderr and "its process is gone" in resumed.stderr
     assert f"at step {committed}" in resumed.stdout
     assert not (ckpt / "_lease.json").exists()
+    # a run that stops on a user error after taking the folder gives it back: the corrected run is not refused
+    wrong = deepspeed(1, "launch/train.py", *common(shards, tmp_path / "d", "train.max_steps=4",
+                                                     f"checkpoint.dir={ckpt}", "resume=none"), check=False)
+    assert wrong.returncode == 2 and "already holds committed checkpoints" in wrong.stderr
+    assert not (ckpt / "_lease.json").exists()
 
 
 def test_a_corrupt_latest_falls_back_to_the_newest_complete_checkpoint(shards, tmp_path):
