@@ -1,5 +1,5 @@
 """Reading the WebDataset release from object storage: what a request's round trip costs a worker, and what the
-read-ahead of `pipeline.sources.wds_zarr` (``PREFETCH_LOCATIONS``) wins back.
+read-ahead of `pipeline.sources.wds_zarr` (``--read-ahead``, `SourceOptions.read_ahead`) wins back.
 
 A member of the release is one ranged request, and each request waits a round trip before its first byte
 (tens of ms to S3 in the same region, more across regions): a worker that fetched each location when it
@@ -38,7 +38,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import hardware, load_average, moto_server, print_header, upload_archive, write_json  # noqa: E402
 from launch.demo.proxy import StoreProxy  # noqa: E402
-from pipeline.sources import SOURCES, Rejection, SourceOptions, wds_zarr  # noqa: E402
+from pipeline.sources import SOURCES, Rejection, SourceOptions  # noqa: E402
+from pipeline.sources.base import DEFAULT_READ_AHEAD  # noqa: E402
 from pipeline.synthetic import make_ssl4eo_wds  # noqa: E402
 
 SIZE = 264
@@ -91,28 +92,25 @@ def main() -> None:
             url, upload_s = upload_archive(endpoint, work / "archive")
             up = urlparse(endpoint)
             proxy = stack.enter_context(StoreProxy((up.hostname, up.port)))
-            options = SourceOptions(storage_options={"endpoint_url": proxy.url, "skip_instance_cache": True})
-            items, _ = SOURCES["ssl4eo-wds"](url, options).plan("train", lambda f, a: [f(x) for x in a])
-            default_depth = wds_zarr.PREFETCH_LOCATIONS
-            try:
-                for latency in args.latency_ms:
-                    proxy.latency(latency / 1000)
-                    for depth in args.depths:
-                        wds_zarr.PREFETCH_LOCATIONS = depth
-                        proxy.reset()
-                        row = read_all(url, items, options)
-                        if row["samples"] != floor["samples"]:
-                            sys.exit(f"read {row['samples']} samples from S3, {floor['samples']} locally")
-                        row.update(latency_ms=latency, depth=depth, mb_received=proxy.received / 1e6,
-                                   over_floor=row["samples_per_s"] / floor["samples_per_s"])
-                        rows.append(row)
-            finally:
-                wds_zarr.PREFETCH_LOCATIONS = default_depth
+            remote = {"endpoint_url": proxy.url, "skip_instance_cache": True}
+            items, _ = SOURCES["ssl4eo-wds"](url, SourceOptions(storage_options=remote)).plan(
+                "train", lambda f, a: [f(x) for x in a])
+            for latency in args.latency_ms:
+                proxy.latency(latency / 1000)
+                for depth in args.depths:
+                    proxy.reset()
+                    row = read_all(url, items, SourceOptions(storage_options=remote, read_ahead=depth))
+                    if row["samples"] != floor["samples"]:
+                        sys.exit(f"read {row['samples']} samples from S3, {floor['samples']} locally")
+                    row.update(latency_ms=latency, depth=depth, mb_received=proxy.received / 1e6,
+                               over_floor=row["samples_per_s"] / floor["samples_per_s"])
+                    rows.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     hw = hardware(packages=("numpy", "s3fs", "moto"))
     hw["load_avg_1m"] = f"{load_before} at start, {load_average()} at end"
+    default_depth = DEFAULT_READ_AHEAD
     setup = {"source": "ssl4eo-wds", "size_px": SIZE, "samples": floor["samples"], "locations": locations,
              "generate_s": round(generate_s, 1), "upload_s": round(upload_s, 1),
              "default_depth": default_depth, "store": "moto on loopback behind a latency proxy"}

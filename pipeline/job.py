@@ -28,6 +28,7 @@ from typing import Any, Optional
 from pipeline import __version__
 from pipeline.manifest import FORMAT_VERSION
 from pipeline.sources import SOURCES, Source, SourceOptions
+from pipeline.sources.base import DEFAULT_READ_AHEAD
 from pipeline.storage import CREDENTIALS_IN_URL, redact, redact_url
 
 QUARANTINE = "quarantine.jsonl"
@@ -37,6 +38,8 @@ STAGING_PREFIX = ".fusmae-shard-"
 S2_PRODUCTS = ("L1C", "L2A")
 S2_OFFSETS = ("remove", "keep")
 VERIFY_MODES = ("sha256", "size")
+MAX_READ_AHEAD = 64
+"""Most locations a worker fetches ahead (each a few MB in memory)."""
 PROCESS_LOCAL = ("memory://",)
 """URL schemes whose files live inside one process. The job's Ray workers are other processes: they would not
 see an input there, and the shards they wrote there would be lost with them (the job used to report success)."""
@@ -103,6 +106,9 @@ class PreprocessSettings:
     (temporal_mismatch). Generous: the releases pair acquisitions within days of each other."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Extra fsspec options for input and output; credentials here are never printed or written."""
+    read_ahead: int = DEFAULT_READ_AHEAD
+    """WebDataset releases on an object store: locations a worker fetches ahead on threads (0: none; memory is
+    a few MB a location). Raise it for a distant store. Not part of the content."""
     verify_existing: str = "sha256"
     """How a rerun checks a shard an earlier run left before reusing it: 'sha256' or 'size'."""
     overwrite: bool = False
@@ -135,6 +141,8 @@ class PreprocessSettings:
             (0.0 < self.max_pair_gap_days < float("inf"), "--max-pair-gap-days must be a finite number > 0"),
             (self.verify_existing in VERIFY_MODES, f"--verify-existing must be one of {', '.join(VERIFY_MODES)}"),
             (self.retry_window_s >= 0, f"--retry-window-s must be >= 0, got {self.retry_window_s}"),
+            (0 <= self.read_ahead <= MAX_READ_AHEAD,
+             f"--read-ahead must be between 0 and {MAX_READ_AHEAD} locations, got {self.read_ahead}"),
             (redact_url(self.input) == self.input, f"--input {redact_url(self.input)}: {CREDENTIALS_IN_URL}"),
             (redact_url(self.output) == self.output, f"--output {redact_url(self.output)}: {CREDENTIALS_IN_URL}"),
             (not self.input.startswith(PROCESS_LOCAL), f"--input {redact_url(self.input)}: {PROCESS_LOCAL_HINT}"),
@@ -176,7 +184,7 @@ class PreprocessSettings:
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(self.s2_product, self.s2_offset, self.max_nonfinite_fraction, dict(self.storage_options),
-                             max_pair_gap_days=self.max_pair_gap_days)
+                             max_pair_gap_days=self.max_pair_gap_days, read_ahead=self.read_ahead)
 
     def source_spec(self) -> SourceSpec:
         return SourceSpec(self.source, self.input, self.source_options())
@@ -184,7 +192,7 @@ class PreprocessSettings:
 
 def _check_types(s: PreprocessSettings) -> None:
     """Types first, so that the value checks compare numbers with numbers (settings built in code, not parsed)."""
-    for name in ("workers", "samples_per_shard"):
+    for name in ("workers", "samples_per_shard", "read_ahead"):
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise PreprocessError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")

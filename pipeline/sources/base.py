@@ -67,6 +67,11 @@ class Rejection:
         return d
 
 
+DEFAULT_READ_AHEAD = 4
+"""Locations whose members a worker reading the WebDataset releases from an object store fetches ahead, on as
+many threads (a few MB each: ~3.7 MB at 264 px in `bench/bench_remote_input.py`, which measures the depths)."""
+
+
 @dataclass
 class SourceOptions:
     s2_product: str = "L1C"
@@ -78,6 +83,9 @@ class SourceOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pair_gap_days: float = 45.0
     """Sources that pair S1 and S2 acquisitions by date quarantine pairs further apart than this (days)."""
+    read_ahead: int = DEFAULT_READ_AHEAD
+    """Object-store input of the WebDataset releases: locations whose members a worker fetches ahead on threads
+    while it writes the current one (0: none). Speed only: the samples do not depend on it."""
 
 
 Result = Union[Sample, Rejection]

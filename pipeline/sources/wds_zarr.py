@@ -61,9 +61,6 @@ PATCH_PX = 264
 """Patch size of both releases (DLR README: "The data has size 264x264"; TerraMesh card): the size estimate
 of a shard whose members cannot be decoded while planning."""
 _PROBES = 3
-PREFETCH_LOCATIONS = 4
-"""Locations whose members a worker fetches ahead from an object store, on as many threads (a few MB each:
-~3.7 MB in `bench/bench_remote_input.py`'s synthetic archive at 264 px); 0 fetches each location when it comes. `bench/bench_remote_input.py` measures the depths."""
 
 
 def product_folders(fs, split_root: str) -> list[str]:
@@ -244,9 +241,9 @@ class ZarrWebDataset(Source):
                 tars.close()
             return
         # An object store: a member is one range request, and a request costs a round trip (tens of ms) before its
-        # first byte. The next PREFETCH_LOCATIONS locations' members are fetched on threads while this one is
+        # first byte. The next `read_ahead` locations' members are fetched on threads while this one is
         # decoded, checked and written, so the worker waits on the store only when the store is slower than it.
-        depth = PREFETCH_LOCATIONS
+        depth = self.options.read_ahead
         if depth <= 0:  # no read-ahead: each location's requests when it comes
             for i, j in spans:
                 yield from self._read_location(items[i:j], split, self._fetch_members(items[i]))

@@ -112,17 +112,15 @@ def test_an_outage_longer_than_the_retry_window_stops_the_job(archives, source, 
 
 
 @pytest.mark.parametrize("depth", [0, 1, 8])
-def test_every_read_ahead_depth_reads_the_same_samples(archives, s3_bucket, depth, monkeypatch):
-    """From S3 the WebDataset reader keeps PREFETCH_LOCATIONS locations' requests in flight on threads (0: none);
-    the samples and their order are those of the local read whatever the depth, including a depth larger than
-    the number of locations."""
-    from pipeline.sources import wds_zarr
-
+def test_every_read_ahead_depth_reads_the_same_samples(archives, s3_bucket, depth):
+    """From S3 the WebDataset reader keeps `read_ahead` locations' requests in flight on threads (0: none); the
+    samples and their order are those of the local read whatever the depth, including a depth larger than the
+    number of locations."""
     url = f"{s3_bucket}/ssl4eo-wds"
     fresh_s3fs().put(str(archives / "ssl4eo-wds"), url, recursive=True)
     want, _, _ = _read("ssl4eo-wds", str(archives / "ssl4eo-wds"), SourceOptions())
-    monkeypatch.setattr(wds_zarr, "PREFETCH_LOCATIONS", depth)
-    got, rejected, _ = _read("ssl4eo-wds", url, SourceOptions(storage_options={"skip_instance_cache": True}))
+    options = SourceOptions(storage_options={"skip_instance_cache": True}, read_ahead=depth)
+    got, rejected, _ = _read("ssl4eo-wds", url, options)
     assert rejected == [] and got == want
 
 

@@ -54,6 +54,9 @@ def test_defaults():
     ("output", "", "--output must not be empty"),
     ("split", "", "--split must not be empty"),
     ("input", None, "--input must be a string"),
+    ("read_ahead", -1, "--read-ahead must be between 0 and 64 locations, got -1"),
+    ("read_ahead", 65, "--read-ahead must be between 0 and 64 locations, got 65"),
+    ("read_ahead", 2.0, "--read-ahead must be an integer"),
 ])
 def test_each_bad_value_is_an_error_naming_its_option(field, value, message):
     with pytest.raises(PreprocessError) as err:
@@ -79,7 +82,7 @@ def test_content_names_what_decides_the_shards_and_nothing_else():
     # how the job runs is not what it makes: same identity
     same = dataclasses.replace(s, workers=3, output="/elsewhere", storage_options={"anon": True}, overwrite=True,
                                progress=False, verify_existing="size", ray_address="auto", force=True,
-                               retry_window_s=60.0)
+                               retry_window_s=60.0, read_ahead=0)
     assert same.job_fingerprint("val") == s.job_fingerprint("val")
     assert len(s.job_fingerprint("val")) == 64
     assert dataclasses.replace(s, samples_per_shard=8).job_fingerprint("val") != s.job_fingerprint("val")
@@ -90,6 +93,7 @@ def test_source_options_and_spec():
     opts = {"anon": True}
     s = settings(s2_product="L2A", s2_offset="keep", max_nonfinite_fraction=0.25, storage_options=opts)
     assert s.source_options() == SourceOptions("L2A", "keep", 0.25, {"anon": True})
+    assert s.source_options().read_ahead == 4 and settings(read_ahead=16).source_options().read_ahead == 16
     assert s.source_options().storage_options is not opts  # a worker's copy, not the settings' own dict
     spec = s.source_spec()
     assert (spec.name, spec.input_url, spec.options) == ("ssl4eo-zarr", "/data/in", s.source_options())
@@ -118,12 +122,13 @@ def test_parse_args_every_flag():
     s = parse_args([*REQUIRED, "--split", "all", "--workers", "3", "--shard-size-mb", "0.5", "--samples-per-shard", "9",
                     "--s2-product", "L2A", "--s2-offset", "keep", "--max-nonfinite-fraction", "0.1",
                     "--storage-options", '{"anon": false, "client_kwargs": {"region_name": "x"}}',
-                    "--verify-existing", "size", "--overwrite", "--ray-address", "auto", "--no-progress"])
+                    "--verify-existing", "size", "--overwrite", "--ray-address", "auto", "--no-progress",
+                    "--read-ahead", "12"])
     assert s == PreprocessSettings(
         source="ssl4eo-zarr", input="/data/in", output="/data/out", split="all", workers=3, shard_size_mb=0.5,
         samples_per_shard=9, s2_product="L2A", s2_offset="keep", max_nonfinite_fraction=0.1,
         storage_options={"anon": False, "client_kwargs": {"region_name": "x"}}, verify_existing="size",
-        overwrite=True, ray_address="auto", progress=False,
+        overwrite=True, ray_address="auto", progress=False, read_ahead=12,
     )
 
 
@@ -136,6 +141,7 @@ def test_parse_args_every_flag():
     (["--storage-options", "{x"], "--storage-options must be a JSON object, e.g. '{\"anon\": false}'"),
     (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
     (["--s2-product", "L3"], "argument --s2-product: invalid choice: 'L3'"),
+    (["--read-ahead", "-2"], "--read-ahead must be between 0 and 64 locations, got -2"),
 ])
 def test_parse_args_errors_exit_2_with_usage(extra, message, capsys):
     with pytest.raises(SystemExit) as exit_:
