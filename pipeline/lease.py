@@ -24,8 +24,8 @@ import time
 import uuid
 from typing import Any, Optional
 
-from pipeline.storage import (StorageUnavailable, is_local, read_bytes, redact_url, retrying, url_to_fs,
-                              write_bytes_atomic)
+from pipeline.storage import (StorageUnavailable, is_local, read_bytes, redact_url, retry_window_s, retrying,
+                              url_to_fs, write_bytes_atomic)
 
 log = logging.getLogger("pipeline.lease")
 LEASE = "_lease.json"
@@ -54,6 +54,9 @@ class Lease:
     # -- taking -----------------------------------------------------------------------------
     def acquire(self) -> "Lease":
         """Take the lease (see the module docstring); raises `LeaseHeld` naming the holder."""
+        if self._thread is not None:
+            raise RuntimeError(f"the lease of {redact_url(self.url)} is already held by this Lease")
+        self._stop.clear()  # a Lease released earlier may be taken again
         for _ in range(3):
             if self._create():
                 break
@@ -146,8 +149,9 @@ class Lease:
         self._stop.set()
         if self._thread is None:
             return
-        # Patient: a heartbeat still retrying its write must not put the lease back after it is removed.
-        self._thread.join(timeout=None if patient else 5)
+        # Patient: a heartbeat still retrying its write (for up to the window) must not put the lease back after
+        # it is removed; it is waited for, within bounds.
+        self._thread.join(timeout=retry_window_s() + 30 if patient else 5)
         self._thread = None
         if patient:
             if self.owns():
@@ -160,17 +164,32 @@ class Lease:
         except FileNotFoundError:
             pass
         except Exception as err:  # noqa: BLE001 - the run's own error is already on its way
-            log.warning("could not release the lease of %s (%s: %s); the next run takes it over once this "
-                        "process is gone or its heartbeat is %.0f s old (or at once with --force)",
-                        redact_url(self.url), type(err).__name__, redact_url(str(err)), self.stale_after_s)
+            self._left_behind(err)
+
+    def release_after(self, error: Optional[BaseException]) -> None:
+        """Release at the end of a run (``error`` None: as `release`) or as it stops on ``error``, without ever
+        replacing that error. After an outage that outlasted the window, or on Ctrl-C / SystemExit, with one
+        attempt; after any other error (the store up: a bad input, a non-finite loss) patiently, so that a
+        stray 503 does not leave the lease behind, but a release that fails only logs a warning."""
+        if error is None:
+            self.release()
+            return
+        quick = isinstance(error, (StorageUnavailable, KeyboardInterrupt, SystemExit))
+        try:
+            self.release(patient=not quick)
+        except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+            self._left_behind(err)
+
+    def _left_behind(self, err: BaseException) -> None:
+        log.warning("could not release the lease of %s (%s: %s); the next run takes it over once this "
+                    "process is gone or its heartbeat is %.0f s old (or at once with --force)",
+                    redact_url(self.url), type(err).__name__, redact_url(str(err)), self.stale_after_s)
 
     def __enter__(self) -> "Lease":
         return self.acquire()
 
-    def __exit__(self, exc_type: Optional[type], *exc: object) -> None:
-        # A run stopping on an outage that outlasted the window does not wait it out again; on any other error
-        # the store is up and the lease is released as usual (a stray 503 must not leave it behind).
-        self.release(patient=exc_type is None or not issubclass(exc_type, StorageUnavailable))
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], *_: object) -> None:
+        self.release_after(exc)
 
 
 def _dead_here(held: dict[str, Any]) -> bool:

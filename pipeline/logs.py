@@ -47,18 +47,25 @@ def quiet_libraries() -> None:
 _NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
 
 
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of connection trouble, by type only (a message that mentions "timeout" is not one):
+    the built-in ConnectionError and TimeoutError, and aiohttp's connection errors where aiohttp is installed
+    (its ServerDisconnectedError and ClientOSError are not built-in ConnectionErrors)."""
+    try:
+        from aiohttp import ClientConnectionError
+    except ImportError:
+        return (ConnectionError, TimeoutError)
+    return (ConnectionError, TimeoutError, ClientConnectionError)
+
+
 class _OrphanedConnectionErrors(logging.Filter):
-    """Drops asyncio's "... exception was never retrieved" for connection trouble (see the module docstring):
-    a built-in ConnectionError (aiohttp's resets are ones too) or what `is_transient` calls transient
-    (aiohttp's ServerDisconnectedError, ClientOSError)."""
+    """Drops asyncio's "... exception was never retrieved" for connection trouble (see the module docstring)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or not str(record.msg).startswith(_NEVER_RETRIEVED):
             return True
-        from pipeline.storage import is_transient
-
-        if not (isinstance(exc, ConnectionError) or is_transient(exc)):
+        if not isinstance(exc, _connection_errors()):
             return True
         try:
             return library_level() <= logging.DEBUG

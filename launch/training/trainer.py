@@ -35,7 +35,7 @@ from model import FusMAE
 from model.flops import estimate_flops_per_sample
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import load_manifest
-from pipeline.storage import StorageUnavailable, join, redact_url, set_retry_window
+from pipeline.storage import join, redact_url, set_retry_window
 
 log = logging.getLogger("launch.training.trainer")
 
@@ -74,6 +74,15 @@ class Trainer:
         self.lease: Optional[Lease] = None
         self.resume_from: Optional[Committed] = self.rt.on_main(self._take_folder_and_resolve,
                                                                 expected=(ConfigError, LeaseHeld))
+        try:
+            self._build()
+        except BaseException as err:  # the engine, the checkpoint to load, the loader: the folder is given back
+            self.release_lease(err)
+            raise
+
+    def _build(self) -> None:
+        """Everything after the checkpoint folder is held: the engine, the resumed state, the loader, the metrics."""
+        cfg = self.cfg
         universal = bool(self.resume_from and self.resume_from.world_size != self.world_size)
 
         self.engine, self.optimizer, self.scheduler = self._engine(universal)
@@ -144,12 +153,12 @@ class Trainer:
             raise
 
     def release_lease(self, error: Optional[BaseException] = None) -> None:
-        """Give checkpoint.dir back (rank 0): at the end of training, or as the run stops on ``error``. After an
-        outage that outlasted the retry window the release is tried once (`Lease.release`); a lease left
-        behind is taken over by the next run once this process is gone or its heartbeat is stale."""
+        """Give checkpoint.dir back (rank 0): at the end of training, or as the run stops on ``error``, which a
+        failed release never replaces (`Lease.release_after`); a lease left behind is taken over by the next
+        run once this process is gone or its heartbeat is stale."""
         if self.lease is not None:
-            self.lease.release(patient=not isinstance(error, StorageUnavailable))
-            self.lease = None
+            lease, self.lease = self.lease, None
+            lease.release_after(error)
 
     def _resolve_resume(self) -> Optional[Committed]:
         """Rank 0 only: the checkpoint to load, after cleaning what an interrupted run left behind."""

@@ -112,6 +112,31 @@ def test_a_run_stopping_on_an_error_releases_its_lease_once_and_reports_its_own_
     assert not fresh_s3fs().exists(f"{root}/{LEASE}")
 
 
+def test_a_release_that_fails_never_replaces_the_error_the_run_stops_on(out, store_proxy, caplog):
+    """The store goes down for good while a run stops on its own error: the patient release waits out the window
+    (2 s here), logs that the lease is left, and the run's error is the one raised."""
+    fs, root, _ = out
+    set_retry_window(2.0)
+    options = {"skip_instance_cache": True, "endpoint_url": store_proxy.url, **NO_INNER_RETRIES}
+    with caplog.at_level(logging.WARNING, logger="pipeline.lease"):
+        with pytest.raises(ValueError, match="bad input"):
+            with Lease(f"s3://{root}", "test", options):
+                store_proxy.outage(600.0)
+                raise ValueError("bad input")
+    assert "could not release the lease" in caplog.text
+
+
+def test_a_lease_is_taken_once_by_its_object_and_again_after_release(out, store_proxy):
+    fs, root, _ = out
+    lease = Lease(f"s3://{root}", "test", {"skip_instance_cache": True, "endpoint_url": store_proxy.url})
+    with lease:
+        with pytest.raises(RuntimeError, match="already held by this Lease"):
+            lease.acquire()
+    with lease:  # released, then taken again: its heartbeat runs
+        assert lease.owns() and lease._thread is not None and lease._thread.is_alive()
+    assert not fresh_s3fs().exists(f"{root}/{LEASE}")
+
+
 def test_a_run_stopping_on_another_error_releases_its_lease_through_a_short_outage(out, store_proxy):
     """Any other error (a bad input, Ctrl-C) comes with the store up: the release is patient, so a blip as it
     reads the lease does not leave the lease behind to refuse the next run for 5 minutes."""
@@ -141,6 +166,18 @@ def _orphan(exc: BaseException) -> None:
     gc.collect()
 
 
+def _orphan_future(exc: BaseException) -> None:
+    """A future holding ``exc`` that nobody reads, collected: asyncio's "Future exception was never retrieved"."""
+    import asyncio
+    import gc
+
+    async def main():
+        asyncio.get_running_loop().create_future().set_exception(exc)
+
+    asyncio.run(main())
+    gc.collect()
+
+
 def test_aiohttps_orphaned_connection_errors_are_dropped_and_nothing_else(caplog, monkeypatch):
     """What an outage makes aiohttp's sending tasks print, "Task exception was never retrieved" with a
     connection error, is dropped; the same for any other error is kept, and FUSMAE_LIBRARY_LOG_LEVEL=DEBUG
@@ -156,8 +193,11 @@ def test_aiohttps_orphaned_connection_errors_are_dropped_and_nothing_else(caplog
         assert "never retrieved" not in caplog.text
         from aiohttp import ServerDisconnectedError
 
-        _orphan(ServerDisconnectedError())  # not a built-in ConnectionError: transient by `is_transient`
+        _orphan(ServerDisconnectedError())  # aiohttp's, not a built-in ConnectionError
+        _orphan_future(ConnectionResetError("Cannot write to closing transport"))
         assert "never retrieved" not in caplog.text
+        _orphan(RuntimeError("connection pool timeout must be > 0"))  # words are not a type
+        assert "connection pool timeout must be > 0" in caplog.text
         _orphan(ValueError("a real bug"))
         assert "Task exception was never retrieved" in caplog.text and "a real bug" in caplog.text
         caplog.clear()
