@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 20.0, 50.0],
                         help="round trips the proxy adds to every request")
     parser.add_argument("--depths", type=int, nargs="+", default=[0, 1, 4, 8],
-                        help="read-ahead depths (locations fetched ahead, on as many threads)")
+                        help="read-ahead depths (locations fetched ahead, their two members at once on 2N threads)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.samples < 1 or min(args.depths) < 0 or min(args.latency_ms) < 0:
@@ -126,7 +126,8 @@ def main() -> None:
               f"| {r['over_floor']:.2f} | {r['mb_received']:.0f} | {r['cores_busy']:.2f} |")
     print("\nEach S3 row reads the same planned items (planning done once, without added latency). A location is "
           "two ranged GETs (its S1 and its S2 member); depth 0 issues them when the location comes, depth N keeps "
-          "the next N locations' requests in flight on N threads while this one is decoded. Cores busy counts "
+          "the next N locations' requests in flight on 2N threads (a location's two at once) while this one is "
+          "decoded. Cores busy counts "
           "this process only; the moto server and the proxy run on the same cores.")
     for latency in args.latency_ms:
         same = {r["depth"]: r for r in rows if r["latency_ms"] == latency}

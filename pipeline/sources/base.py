@@ -68,8 +68,9 @@ class Rejection:
 
 
 DEFAULT_READ_AHEAD = 4
-"""Locations whose members a worker reading the WebDataset releases from an object store fetches ahead, on as
-many threads (a few MB each: ~3.7 MB at 264 px in `bench/bench_remote_input.py`, which measures the depths)."""
+"""Locations whose members a worker reading the WebDataset releases from an object store fetches ahead, a
+location's S1 and S2 members at once on twice as many threads (a few MB a location: ~3.7 MB at 264 px in
+`bench/bench_remote_input.py`, which measures the depths)."""
 
 
 @dataclass

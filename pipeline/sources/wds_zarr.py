@@ -241,28 +241,34 @@ class ZarrWebDataset(Source):
                 tars.close()
             return
         # An object store: a member is one range request, and a request costs a round trip (tens of ms) before its
-        # first byte. The next `read_ahead` locations' members are fetched on threads while this one is
-        # decoded, checked and written, so the worker waits on the store only when the store is slower than it.
+        # first byte. The members of the next `read_ahead` locations are fetched on threads, a location's S1 and
+        # S2 at the same time, while this one is decoded, checked and written, so the worker waits on the store
+        # only when the store is slower than it.
         depth = self.options.read_ahead
         if depth <= 0:  # no read-ahead: each location's requests when it comes
             for i, j in spans:
                 yield from self._read_location(items[i:j], split, self._fetch_members(items[i]))
             return
-        pool = ThreadPoolExecutor(depth, thread_name_prefix="member-fetch")
+        pool = ThreadPoolExecutor(2 * depth, thread_name_prefix="member-fetch")
         stop = threading.Event()
+
+        def submit(item: WorkItem) -> dict[str, Any]:
+            return {tag: pool.submit(_attempt, self._fetch_range, path, ref, stop) for tag, path, ref in _members(item)}
+
         try:
             ahead: deque = deque()
             spans_left = iter(spans)
             for i, j in spans_left:
-                ahead.append((i, j, pool.submit(self._fetch_members, items[i], stop)))
+                ahead.append((i, j, submit(items[i])))
                 if len(ahead) >= depth:
                     break
             while ahead:
                 i, j, fetched = ahead.popleft()
-                members = fetched.result()  # StorageUnavailable (an outage past the window) propagates from here
+                # StorageUnavailable (an outage past the window) propagates from here
+                members = {tag: future.result() for tag, future in fetched.items()}
                 nxt = next(spans_left, None)
                 if nxt is not None:
-                    ahead.append((*nxt, pool.submit(self._fetch_members, items[nxt[0]], stop)))
+                    ahead.append((*nxt, submit(items[nxt[0]])))
                 yield from self._read_location(items[i:j], split, members)
         finally:
             # A reader that stops early (an error downstream, an outage) leaves nothing behind: fetches not
