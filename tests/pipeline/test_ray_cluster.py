@@ -49,13 +49,18 @@ def ray_head(tmp_path_factory):
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 120
+        # Ready means a job can be submitted, not only listed: the dashboard answers `ray job list` before the
+        # head's job agent has registered, and a submit in that gap fails with "500: No available agent to submit
+        # job, please try again later" (seen on a loaded CI machine). So the probe is a no-op job, run to its end.
+        deadline = time.time() + 180
         while True:
-            ok = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
-            if ok.returncode == 0 and Path(temp_dir, "ray_current_cluster").exists():
+            ok = subprocess.run([RAY, "job", "submit", "--address", address, "--", sys.executable, "-c", "pass"],
+                                env=env, capture_output=True, text=True, timeout=180)
+            if ok.returncode == 0 and "succeeded" in ok.stdout and Path(temp_dir, "ray_current_cluster").exists():
                 break
             if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"Ray head did not start: {(tmp_path / 'head.log').read_text()[-3000:]}")
+                raise RuntimeError(f"Ray head did not start: {(tmp_path / 'head.log').read_text()[-3000:]}\n"
+                                   f"last probe: {ok.stderr[-2000:]}")
             time.sleep(2)
         yield address, env, temp_root
     finally:
