@@ -22,8 +22,11 @@ import hashlib
 import io
 import json
 import math
+import os
+import queue
 import re
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Container, Iterator, Optional
 
@@ -159,12 +162,20 @@ class ShardWriter:
     from the sample's arrays to the file and the hash directly: no encoded copy of a member and
     no stream buffer between them (each was a full pass over 2 MB of fresh memory a sample).
 
+    The hash and the file write (sha256 ~1.2 ms and a page-cache write ~0.7 ms for a 2 MB
+    sample, both outside the GIL) run on a writer thread, so a sample is hashed and written
+    while the caller reads, checks and takes the statistics of the next one. `write` hands a
+    sample over and returns; at most ``pending`` samples wait for the thread (their arrays are
+    held, not copied: the caller must not change an array after passing it). The thread's
+    first error (a full disk, say) is raised by the next `write` or by `close`; after it
+    nothing more reaches the file. ``background=False`` writes in the calling thread.
+
     >>> with ShardWriter(path) as w:
     ...     w.write(sample)
     >>> w.sha256, w.bytes, w.samples
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, background: bool = True, pending: int = 4):
         self.path = path
         self._file: Optional[BinaryIO] = open(path, "wb")
         self._sha = hashlib.sha256()
@@ -174,10 +185,53 @@ class ShardWriter:
         """(key, byte offset of its first header, label_vector or None) of every sample, in write order."""
         self.sha256: Optional[str] = None
         self.bytes = 0
+        self._chunks: list[Any] = []
+        """The current sample's pieces (headers, array views, padding), handed to the thread as one item."""
+        self._error: Optional[BaseException] = None
+        self._queue: Optional[queue.Queue] = None
+        self._thread: Optional[threading.Thread] = None
+        if background:
+            self._queue = queue.Queue(maxsize=max(1, pending))
+            self._thread = threading.Thread(target=self._drain, name=f"shard-writer {os.path.basename(path)}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _emit(self, chunks: list[Any]) -> None:
+        if self._error is not None:  # after an error nothing more reaches the file
+            return
+        try:
+            for data in chunks:
+                self._sha.update(data)
+                self._file.write(data)  # type: ignore[union-attr]
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by _raise_error
+            self._error = e
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (chunks := self._queue.get()) is not None:
+            self._emit(chunks)  # after an error the queue keeps moving, so a waiting `write` never blocks
+
+    def _hand_over(self, last: bool = False) -> None:
+        chunks, self._chunks = self._chunks, []
+        if self._queue is None:
+            self._emit(chunks)
+        else:
+            self._queue.put(chunks)
+            if last:
+                self._queue.put(None)
+                self._thread.join()  # type: ignore[union-attr]
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        e = self._error
+        if e is None:
+            return
+        if isinstance(e, OSError) and e.errno:  # a full disk stays an OSError with its errno
+            raise OSError(e.errno, f"{e.strerror} (writing shard {self.path})") from e
+        raise RuntimeError(f"writing shard {self.path} failed: {e!r}") from e
 
     def _put(self, data: Any) -> None:
-        self._sha.update(data)
-        self._file.write(data)  # type: ignore[union-attr]
+        self._chunks.append(data)
         self.bytes += len(data) if not isinstance(data, memoryview) else data.nbytes
 
     def _member(self, name: str, parts: list[Any]) -> None:
@@ -193,36 +247,56 @@ class ShardWriter:
     def write(self, sample: Sample) -> int:
         if self._file is None:
             raise ValueError(f"{self.path} is closed")
+        self._raise_error()
         if not _KEY_OK.match(sample.key):
             raise ValueError(f"invalid sample key {sample.key!r}")
         if sample.key in self.keys:
             raise ValueError(f"duplicate sample key {sample.key!r} in {self.path}")
+        meta = encode_json(sample.meta)  # before any state changes: a sample that cannot be encoded leaves none
+        s1, s2 = npy_parts(sample.s1), npy_parts(sample.s2)
         self.keys.add(sample.key)
         labels = sample.meta.get("label_vector")
         self.rows.append((sample.key, self.bytes, None if labels is None else [int(v) for v in labels]))
         start = self.bytes
-        self._member(f"{sample.key}.json", [encode_json(sample.meta)])  # MEMBERS order (webdataset sorts them so)
-        self._member(f"{sample.key}.s1.npy", list(npy_parts(sample.s1)))
-        self._member(f"{sample.key}.s2.npy", list(npy_parts(sample.s2)))
+        self._member(f"{sample.key}.json", [meta])  # MEMBERS order (webdataset sorts them so)
+        self._member(f"{sample.key}.s1.npy", list(s1))
+        self._member(f"{sample.key}.s2.npy", list(s2))
         self.samples += 1
+        self._hand_over()
         return self.bytes - start
 
     def close(self) -> None:
+        """Write the end of the archive, wait for the thread, close the file and set `sha256`; raises the
+        thread's error if it had one (the file is closed either way)."""
         if self._file is None:
             return
-        # tarfile's end of archive: two zero blocks, then zeros up to a whole record (RECORDSIZE)
-        self._put(_NUL[:2 * tarfile.BLOCKSIZE])
-        if self.bytes % tarfile.RECORDSIZE:
-            self._put(_NUL[:tarfile.RECORDSIZE - self.bytes % tarfile.RECORDSIZE])
-        self._file.close()
-        self._file = None
+        try:
+            # tarfile's end of archive: two zero blocks, then zeros up to a whole record (RECORDSIZE)
+            self._put(_NUL[:2 * tarfile.BLOCKSIZE])
+            if self.bytes % tarfile.RECORDSIZE:
+                self._put(_NUL[:tarfile.RECORDSIZE - self.bytes % tarfile.RECORDSIZE])
+            self._hand_over(last=True)
+        finally:
+            f, self._file = self._file, None
+            try:
+                f.close()  # flushes the buffered tail: a full disk can show here first
+            except Exception as e:  # noqa: BLE001
+                if self._error is None:
+                    self._error = e
+        self._raise_error()
         self.sha256 = self._sha.hexdigest()
 
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the body's error is the one to see; the thread is stopped and the file closed all the same
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 # -- reading: the one tar walk -------------------------------------------------------------

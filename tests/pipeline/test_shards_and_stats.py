@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -209,14 +211,18 @@ def test_iter_samples_reads_only_the_requested_members(tmp_path):
     assert npy_view(again[0][2]["s1.npy"]).dtype == np.float16
 
 
-def test_shard_writer_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path):
+@pytest.mark.parametrize("background", [True, False], ids=["writer-thread", "calling-thread"])
+def test_shard_writer_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path, background):
     # The writer makes its headers with tarfile and writes the arrays straight from memory; the format is still
-    # exactly what webdataset's own writer makes of the same members, long (pax) keys included.
+    # exactly what webdataset's own writer makes of the same members, long (pax) keys included, whether the
+    # bytes are hashed and written on the writer's thread (the default) or in the caller's.
     rng = np.random.default_rng(2)
     samples = [Sample(make_key("k" * [5, 60, 130][i % 3], f"t{i}"), rng.normal(size=(2, 8, 9)).astype(np.float16),
                       rng.integers(0, 9000, (3, 8, 9)).astype(np.uint16), {"i": i, "label_vector": [i % 2, 1]})
                for i in range(7)]
-    with ShardWriter(str(tmp_path / "ours.tar")) as w:
+    samples.append(Sample("big", rng.normal(size=(2, 264, 264)).astype(np.float16),  # hashed outside the GIL
+                          rng.integers(0, 9000, (3, 264, 264)).astype(np.uint16), {"i": 7}))
+    with ShardWriter(str(tmp_path / "ours.tar"), background=background, pending=2) as w:
         for s in samples:
             w.write(s)
     reference = io.BytesIO()
@@ -229,6 +235,43 @@ def test_shard_writer_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path):
     with tarfile.open(tmp_path / "ours.tar") as tar:
         firsts = [m.offset for m in tar.getmembers() if m.name.endswith(".json")]
     assert [off for _, off, _ in w.rows] == firsts
+
+
+def _writer_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("shard-writer")]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_write_error_on_the_writer_thread_reaches_the_caller_with_its_errno():
+    # /dev/full fails every write that reaches it with ENOSPC, as a full disk does: the thread's error is
+    # raised in the caller's thread (by a later write or by close, whichever comes first), names the shard,
+    # keeps its errno, and no sha256 is given for bytes that never reached the file.
+    rng = np.random.default_rng(3)
+    big = Sample("a", rng.normal(size=(2, 264, 264)).astype(np.float16),
+                 rng.integers(0, 9000, (13, 264, 264)).astype(np.uint16), {})
+    before = _writer_threads()
+    with pytest.raises(OSError) as err:
+        with ShardWriter("/dev/full", pending=1) as w:
+            for i in range(50):
+                w.write(Sample(f"k{i}", big.s1, big.s2, {}))
+    assert err.value.errno == errno.ENOSPC and "writing shard /dev/full" in str(err.value)
+    assert w.sha256 is None and _writer_threads() == before
+    with pytest.raises(ValueError, match="closed"):
+        w.write(big)
+
+
+def test_an_error_in_the_with_body_stops_the_writer_thread_and_is_the_one_raised(tmp_path):
+    s = Sample("a", np.zeros((2, 4, 4), np.float16), np.zeros((13, 4, 4), np.uint16), {"x": float("nan")})
+    before = _writer_threads()
+    with pytest.raises(ValueError, match="Out of range float values"):  # json refuses NaN in the metadata
+        with ShardWriter(str(tmp_path / "x.tar")) as w:
+            w.write(Sample("ok", s.s1, s.s2, {}))
+            w.write(s)
+    assert _writer_threads() == before
+    # the refused sample left nothing behind: one sample, its row only
+    assert w.samples == 1 and [k for k, _, _ in w.rows] == ["ok"] and w.keys == {"ok"}
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        assert [m.name for m in tar.getmembers()] == ["ok.json", "ok.s1.npy", "ok.s2.npy"]
 
 
 @pytest.mark.parametrize("dtype", [">u2", "<i2", "u1", "i1"])
