@@ -25,13 +25,17 @@ def main(argv=None) -> int:
 
     def train(cfg) -> None:
         from launch.training.trainer import Trainer
+        from pipeline.signals import sigterm_as_exit
 
-        trainer = Trainer(cfg)
-        try:
-            trainer.train()
-        except BaseException as err:  # a non-finite loss, an outage, Ctrl-C: checkpoint.dir is given back
-            trainer.release_lease(err)
-            raise
+        # SIGTERM (a launcher stopping the ranks after one failed, a preemption, scancel) stops the run through
+        # the error path below instead of killing it on the spot: checkpoint.dir is given back at once.
+        with sigterm_as_exit(what="training"):
+            trainer = Trainer(cfg)
+            try:
+                trainer.train()
+            except BaseException as err:  # a non-finite loss, an outage, Ctrl-C, SIGTERM: checkpoint.dir is given back
+                trainer.release_lease(err)
+                raise
 
     return run_job(args, load_config, train, user_errors=(NonFiniteLoss,))
 

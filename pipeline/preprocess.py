@@ -48,6 +48,7 @@ from pipeline.job import S2_OFFSETS, S2_PRODUCTS, VERIFY_MODES, PreprocessError,
 from pipeline.plan import plan_split
 from pipeline.sources import SOURCES, Source
 from pipeline.lease import Lease, LeaseHeld
+from pipeline.signals import sigterm_as_exit
 from pipeline.logs import setup_logging
 from pipeline.storage import (StorageUnavailable, check_writable, join, redact, redact_url, retrying, set_retry_window,
                               url_to_fs)
@@ -217,7 +218,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:  # a bad FUSMAE_LIBRARY_LOG_LEVEL
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run_job(parse_args(argv))
+    settings = parse_args(argv)
+    # SIGTERM (`ray job stop`, a preemption) unwinds through the leases, which give the outputs back. ray.init
+    # puts Ray's own handler in place (sys.exit, the same unwinding); the grace's deadline stays.
+    with sigterm_as_exit(what="preprocessing"):
+        return run_job(settings)
 
 
 if __name__ == "__main__":

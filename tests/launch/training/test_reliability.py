@@ -70,6 +70,49 @@ def test_a_second_run_on_the_same_checkpoint_folder_is_refused_and_a_killed_one_
     assert not (ckpt / "_lease.json").exists()
 
 
+def test_sigterm_to_a_training_job_gives_its_checkpoint_folder_back(shards, tmp_path):
+    # A preemption or `scancel` signals every process of the job: the launcher, the ranks, their DataLoader
+    # workers. The ranks stop through their error path: rank 0 gives checkpoint.dir back, so the next run (from
+    # any host) starts at once instead of waiting out the lease's 5 minutes.
+    ckpt = tmp_path / "ckpt"
+    args = common(shards, tmp_path / "a", "train.max_steps=400", "checkpoint.every_steps=2", f"checkpoint.dir={ckpt}")
+    log_path = tmp_path / "a.log"
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(launchers.deepspeed_command(2, "launch/train.py", args), cwd=launchers.ROOT,
+                               env=launchers.training_env(), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not (ckpt / "latest").exists():
+                assert job.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            assert (ckpt / "_lease.json").exists()
+            os.killpg(job.pid, signal.SIGTERM)
+            deadline = time.time() + 60  # within the 20 s grace, and DeepSpeed's launcher's 30 s before SIGKILL
+            while time.time() < deadline:
+                try:
+                    os.killpg(job.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+        finally:
+            try:
+                os.killpg(job.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            job.wait()
+    text = log_path.read_text()
+    assert text.count("training: SIGTERM received") == 2, text[-3000:]  # both ranks
+    assert "still running" not in text  # the orderly stop, not the watchdog
+    after = text[text.index("SIGTERM received"):]
+    assert "Traceback" not in after and "Exception ignored" not in after, after[-3000:]  # a quiet stop
+    assert not (ckpt / "_lease.json").exists(), text[-3000:]
+    committed = json.loads((ckpt / "latest").read_text())["step"]
+    resumed = deepspeed(1, "launch/train.py", *common(shards, tmp_path / "b", f"train.max_steps={committed + 1}",
+                                                       f"checkpoint.dir={ckpt}", "resume=auto"))
+    assert "taking over the lease" not in resumed.stdout + resumed.stderr and f"at step {committed}" in resumed.stdout
+
+
 def test_a_corrupt_latest_falls_back_to_the_newest_complete_checkpoint(shards, tmp_path):
     ckpt = tmp_path / "ckpt"
     deepspeed(2, "launch/train.py", *common(shards, tmp_path / "a", "train.max_steps=4", "checkpoint.every_steps=2",
