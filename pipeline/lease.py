@@ -7,7 +7,10 @@ writers starting at the same moment cannot both win. A lease held by another run
 is refused with an error naming its owner, unless its heartbeat is older than
 ``stale_after_s`` (its owner died), its process is gone (same host), or the
 caller forces a takeover. The holder
-refreshes the heartbeat every ``stale_after_s / 4`` seconds from a thread.
+refreshes the heartbeat every ``stale_after_s / 4`` seconds from a thread; on S3 each
+refresh is a conditional PUT (``If-Match`` the ETag of the holder's last write), so a
+heartbeat held up by an outage and retried after another run took the lease over fails
+instead of overwriting the new holder's lease (the holder then stops, saying so).
 
 Used by preprocessing (one lease per split output) and by training (one per
 ``checkpoint.dir``).
@@ -50,13 +53,17 @@ class Lease:
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._held = False
+        self._etag: Optional[str] = None
+        """S3: the ETag of this lease's last write, the condition of the next heartbeat's PUT."""
 
     # -- taking -----------------------------------------------------------------------------
     def acquire(self) -> "Lease":
         """Take the lease (see the module docstring); raises `LeaseHeld` naming the holder."""
-        if self._thread is not None:
+        if self._held:
             raise RuntimeError(f"the lease of {redact_url(self.url)} is already held by this Lease")
         self._stop.clear()  # a Lease released earlier may be taken again
+        self._etag = None
         for _ in range(3):
             if self._create():
                 break
@@ -80,8 +87,19 @@ class Lease:
             retrying(self.fs.rm_file)(self.path)
         else:
             raise LeaseHeld(f"{redact_url(self.url)}: could not take the lease (others keep taking it)")
-        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
-        self._thread.start()
+        try:
+            self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+            self._thread.start()
+            self._held = True
+        except BaseException:  # taken, but the caller never gets it (SIGTERM, Ctrl-C): not left behind
+            self._stop.set()
+            self._thread = None
+            try:
+                if self.owns():
+                    self.fs.rm_file(self.path)
+            except Exception as err:  # noqa: BLE001
+                self._left_behind(err)
+            raise
         return self
 
     def _body(self) -> bytes:
@@ -106,12 +124,40 @@ class Lease:
                 os.unlink(tmp)
             return True
         try:
-            retrying(self.fs.pipe_file)(self.path, data, mode="create")
+            self._etag = _etag(retrying(self.fs.pipe_file)(self.path, data, mode="create"))
         except (FileExistsError, OSError) as err:  # S3 answers 412 PreconditionFailed when it exists
             if isinstance(err, FileExistsError) or retrying(self.fs.exists)(self.path):
                 return False
             raise
         return True
+
+    def _conditional(self) -> bool:
+        """Heartbeats are conditional writes: on S3 (``If-Match``), once the ETag of this lease's write is known."""
+        return self._etag is not None and "s3" in _protocols(self.fs)
+
+    def _refresh(self) -> bool:
+        """Write a fresh heartbeat if the lease is still this run's; False when another run holds it (or none)."""
+        if not self._conditional():
+            # A file system (or a store without conditional writes): read, then replace; the window between the
+            # two is that of one local call.
+            held = self.holder()
+            if held is None or held.get("owner") != self.owner:
+                return False
+            write_bytes_atomic(self.fs, self.path, self._body())
+            if "s3" in _protocols(self.fs):  # the ETag was unknown (an earlier create whose reply was lost)
+                self._etag = _etag(retrying(self.fs.info)(self.path))
+            return True
+        try:
+            self._etag = _etag(retrying(self.fs.pipe_file)(self.path, self._body(), IfMatch=self._etag))
+            return True
+        except StorageUnavailable:
+            raise
+        except OSError:  # 412: another write since ours; 404: removed. Ours only if that write was our own retry
+            held = self.holder()
+            if held is None or held.get("owner") != self.owner:
+                return False
+            self._etag = _etag(retrying(self.fs.info)(self.path))  # our earlier attempt landed, its reply lost
+            return True
 
     def holder(self) -> Optional[dict[str, Any]]:
         """The lease as stored; None when there is none (an unreadable one counts as stale)."""
@@ -126,12 +172,11 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.stale_after_s / 4):
             try:
-                held = self.holder()
-                if held is None or held.get("owner") != self.owner:
+                if not self._refresh():
+                    held = self.holder()
                     log.error("the lease of %s was taken over by owner %s: this run no longer owns its output",
                               redact_url(self.url), None if held is None else str(held.get("owner"))[:12])
                     return
-                write_bytes_atomic(self.fs, self.path, self._body())
             except Exception as err:  # noqa: BLE001 - a missed heartbeat is retried at the next one
                 log.warning("lease heartbeat for %s failed: %s", redact_url(self.url), err)
 
@@ -147,24 +192,26 @@ class Lease:
         instead: where it fails, the lease stays behind and the next run takes it over (its process is
         gone, or its heartbeat goes stale), and the error the run stops on is the one reported."""
         self._stop.set()
-        if self._thread is None:
+        if not self._held:
             return
-        # Patient: a heartbeat still retrying its write (for up to the window) must not put the lease back after
-        # it is removed; it is waited for, within bounds.
-        self._thread.join(timeout=retry_window_s() + 30 if patient else 5)
-        self._thread = None
+        if self._thread is not None:
+            # Patient: a heartbeat still retrying its write (for up to the window) must not put the lease back
+            # after it is removed; it is waited for, within bounds.
+            self._thread.join(timeout=retry_window_s() + 30 if patient else 5)
+            self._thread = None
         if patient:
             if self.owns():
                 retrying(self.fs.rm_file)(self.path)
-            return
-        try:
-            held = json.loads(self.fs.cat_file(self.path))
-            if held.get("owner") == self.owner:
-                self.fs.rm_file(self.path)
-        except FileNotFoundError:
-            pass
-        except Exception as err:  # noqa: BLE001 - the run's own error is already on its way
-            self._left_behind(err)
+        else:
+            try:
+                held = json.loads(self.fs.cat_file(self.path))
+                if held.get("owner") == self.owner:
+                    self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+            except Exception as err:  # noqa: BLE001 - the run's own error is already on its way
+                self._left_behind(err)
+        self._held = False  # not reached when a patient release fails: a quick attempt may follow
 
     def release_after(self, error: Optional[BaseException]) -> None:
         """Release at the end of a run (``error`` None: as `release`) or as it stops on ``error``, without ever
@@ -179,6 +226,16 @@ class Lease:
             self.release(patient=not quick)
         except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
             self._left_behind(err)
+        except (KeyboardInterrupt, SystemExit) as stop:  # SIGTERM or Ctrl-C during a patient release: the
+            # launcher stopping the other ranks after this one failed. One quick attempt, and the error this
+            # run stopped on is said before the stop takes over.
+            log.error("%s while giving the lease of %s back after: %s: %s", type(stop).__name__ if
+                      not str(stop) else stop, redact_url(self.url), type(error).__name__, redact_url(str(error)))
+            try:
+                self.release(patient=False)
+            except Exception as err:  # noqa: BLE001
+                self._left_behind(err)
+            raise
 
     def _left_behind(self, err: BaseException) -> None:
         log.warning("could not release the lease of %s (%s: %s); the next run takes it over once this "
@@ -190,6 +247,16 @@ class Lease:
 
     def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], *_: object) -> None:
         self.release_after(exc)
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _etag(response: Any) -> Optional[str]:
+    """The ETag of a PUT's response or of an object's info (s3fs passes botocore's dicts through)."""
+    return response.get("ETag") if isinstance(response, dict) else None
 
 
 def _dead_here(held: dict[str, Any]) -> bool:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 
 import pytest
 from conftest import fresh_s3fs
@@ -147,6 +148,53 @@ def test_a_run_stopping_on_another_error_releases_its_lease_through_a_short_outa
             store_proxy.trigger(f"GET /{root}/{LEASE}".encode(), 3.0)
             raise ValueError("bad input")
     assert store_proxy.triggered_at is not None
+    assert not fresh_s3fs().exists(f"{root}/{LEASE}")
+
+
+def test_a_heartbeat_held_up_by_an_outage_does_not_overwrite_a_takeover(out, store_proxy, caplog):
+    """The holder's heartbeat PUT meets an outage and is retried (the retry window is long); meanwhile another run,
+    which reaches the store, takes the lease over (here with --force; after 5 minutes of silence by itself). When
+    the store comes back the retried heartbeat must not land: it is a conditional PUT (If-Match the ETag of the
+    holder's last write), so it fails, and the old holder stops its heartbeat saying it lost the lease. An
+    unconditional PUT would overwrite the new holder's lease: the new run would be the one told it lost it."""
+    fs, root, _ = out
+    url = f"s3://{root}"
+    set_retry_window(60.0)
+    stalled = Lease(url, "stalled run", {"skip_instance_cache": True, "endpoint_url": store_proxy.url,
+                                          **NO_INNER_RETRIES}, stale_after_s=1.0)  # a heartbeat every 0.25 s
+    with caplog.at_level(logging.WARNING, logger="pipeline.lease"):
+        stalled.acquire()
+        store_proxy.trigger(f"PUT /{root}/{LEASE}".encode(), 4.0)  # the next heartbeat's PUT, and 4 s of outage
+        deadline = time.monotonic() + 10
+        while store_proxy.triggered_at is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        new = Lease(url, "new run", {"skip_instance_cache": True}, force=True).acquire()  # straight to the store
+        try:
+            stalled._thread.join(30)  # the retried heartbeat resolves after the outage; the thread ends
+            assert not stalled._thread.is_alive()
+            held = json.loads(fresh_s3fs().cat_file(f"{root}/{LEASE}"))
+            assert held["owner"] == new.owner and held["what"] == "new run"
+            assert f"was taken over by owner {new.owner[:12]}" in caplog.text
+            time.sleep(1.0)  # the new holder's heartbeats (every 75 s by default: none yet) are its own
+            assert new.owns()
+        finally:
+            new.release()
+            stalled.release(patient=False)
+    assert not fresh_s3fs().exists(f"{root}/{LEASE}")
+
+
+def test_heartbeats_keep_a_lease_fresh_with_conditional_writes(out):
+    # Each conditional heartbeat carries the ETag of the one before: a chain that broke would fail its second PUT
+    # and stop the heartbeat as if the lease were lost.
+    fs, root, _ = out
+    lease = Lease(f"s3://{root}", "run", {"skip_instance_cache": True}, stale_after_s=0.4)  # a beat every 0.1 s
+    with lease:
+        beats = [lease.holder()["heartbeat"]]
+        for _ in range(3):
+            time.sleep(0.5)
+            beats.append(lease.holder()["heartbeat"])
+        assert beats == sorted(set(beats)) and lease._thread.is_alive()
     assert not fresh_s3fs().exists(f"{root}/{LEASE}")
 
 
