@@ -14,8 +14,9 @@ the next run to wait out (5 minutes from another host). Under `sigterm_as_exit`:
 - A watchdog thread learns of the signal through Python's wakeup file descriptor, which the
   interpreter's C-level handler writes to even while the main thread is blocked in C code (a
   collective waiting for a dead peer, say). If the process is still alive ``grace_s`` after the
-  first SIGTERM it ends with ``os._exit(143)``: a SIGTERM never takes longer than that to stop
-  the job (without this module it ended the job at once).
+  first SIGTERM it ends with ``os._exit(143)`` (without this module SIGTERM ended the job at
+  once). The watchdog needs the GIL for a moment: C code that blocks while holding it (rare;
+  blocking calls release it) defeats it, and the launcher's SIGKILL ends the process then.
 - Later SIGTERMs change nothing (launchers forward the signal their process group already got, and
   the clean-up must not be cut short); SIGKILL still ends the process at once.
 """
@@ -46,6 +47,22 @@ class Terminated(SystemExit):
 
     def __str__(self) -> str:
         return "stopped by SIGTERM"
+
+
+def _say(message: str, block: bool = True) -> None:
+    """One line to stderr that can neither raise nor (``block=False``) wait: a closed or full stderr pipe (a log
+    collector that stopped reading) must not keep the stop from happening."""
+    if block:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except BaseException:  # noqa: BLE001
+            pass
+        return
+    try:
+        os.set_blocking(2, False)
+        os.write(2, (message + "\n").encode())
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _ignore(signum, frame) -> None:
@@ -92,7 +109,7 @@ def sigterm_as_exit(grace_s: float = DEFAULT_GRACE_S, what: str = "the job") -> 
                 if signal.SIGTERM in data:
                     break
             time.sleep(grace_s)
-            print(f"{what}: still running {grace_s:g}s after SIGTERM; ending it now", file=sys.stderr, flush=True)
+            _say(f"{what}: still running {grace_s:g}s after SIGTERM; ending it now", block=False)
             os._exit(EXIT_CODE)
 
     fired: list[bool] = []
@@ -107,9 +124,10 @@ def sigterm_as_exit(grace_s: float = DEFAULT_GRACE_S, what: str = "the job") -> 
         # became SIG_DFL.
         with contextlib.suppress(ValueError, OSError):
             signal.signal(signal.SIGCHLD, _ignore)
-        print(f"{what}: SIGTERM received; stopping (at most {grace_s:g}s to give its folder back)",
-              file=sys.stderr, flush=True)
+        _say(f"{what}: SIGTERM received; stopping (at most {grace_s:g}s to give its folder back)")
         raise Terminated()
+
+    handler.orderly_stop = True  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=watchdog, name="sigterm-watchdog", daemon=True)
     thread.start()
@@ -130,3 +148,19 @@ def sigterm_as_exit(grace_s: float = DEFAULT_GRACE_S, what: str = "the job") -> 
         with contextlib.suppress(OSError):
             writer.shutdown(socket.SHUT_WR)
         writer.close()
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """Put `sigterm_as_exit`'s SIGTERM handler back after the block if it was in place: ``ray.init`` installs its
+    own (``sys.exit``, which a second SIGTERM would raise again in the middle of the clean-up that
+    `sigterm_as_exit` protects, and with exit code 15 instead of 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if getattr(before, "orderly_stop", False):  # only `sigterm_as_exit`'s: elsewhere Ray's may stay
+            signal.signal(signal.SIGTERM, before)

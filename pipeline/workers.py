@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.logs import drop_orphaned_connection_errors
 from pipeline.job import STAGING_PREFIX, PreprocessSettings, SourceSpec, progress_path
 from pipeline.plan import ShardTask, SplitPlan
+from pipeline.signals import keep_sigterm_handler
 from pipeline.shards import Sample, ShardWriter
 from pipeline.sources import Rejection, Source
 from pipeline.stats import BandMoments, IntegerSums
@@ -37,13 +38,18 @@ def init_ray(address: Optional[str], workers: int) -> None:
     # The job's workers see the storage retry window this driver runs with (on a cluster they do not
     # inherit the driver's environment).
     runtime_env = {"env_vars": {RETRY_WINDOW_ENV: repr(retry_window_s())}}
+    with keep_sigterm_handler():  # ray.init installs sys.exit for SIGTERM: the job's own stop stays in place
+        _init(ray, address, workers, runtime_env)
+    _CLUSTER["kind"] = "existing" if address else "embedded"
+
+
+def _init(ray: Any, address: Optional[str], workers: int, runtime_env: dict[str, Any]) -> None:
     if address:  # an existing cluster (`ray submit` sets RAY_ADDRESS=auto through the cluster YAML)
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:  # the embedded default: a local instance sized to --workers. address="local": a new one even when
         # a `ray start` cluster is up on this machine, which a bare ray.init() would find and try to join
         ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=True,
                  runtime_env=runtime_env)
-    _CLUSTER["kind"] = "existing" if address else "embedded"
 
 
 _CLUSTER: dict[str, str] = {}

@@ -108,18 +108,24 @@ def is_complete(fs: Any, root: str, tag: str, run_id: Optional[str]) -> bool:
 
 
 def commit(fs: Any, root: str, tag: str, run_id: str, pointer: dict[str, Any], keep: int,
-           timeout_s: float = 3600.0) -> bool:
+           timeout_s: float = 3600.0, abandoned: Optional[threading.Event] = None) -> bool:
     """Rank 0: wait until ``tag`` is complete, write ``latest`` naming it, prune beyond ``keep``.
 
-    Returns False (nothing committed) when not every rank finished within ``timeout_s``."""
+    Returns False (nothing committed) when not every rank finished within ``timeout_s``, or when ``abandoned``
+    is set first (the run stopped and gave its folder back)."""
     deadline = time.time() + timeout_s
     delay = 0.05
+    stopped = abandoned or threading.Event()
     while not is_complete(fs, root, tag, run_id):
         if time.time() > deadline:
             log.error("checkpoint %s not committed: not every rank finished its upload in %.0fs", tag, timeout_s)
             return False
-        time.sleep(delay)
+        if stopped.wait(delay):
+            break
         delay = min(delay * 2, 5.0)
+    if stopped.is_set():
+        log.warning("checkpoint %s not committed: the run stopped before every rank had uploaded it", tag)
+        return False
     body = {**pointer, "tag": tag, "run_id": run_id, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_bytes_atomic(fs, f"{root}/{LATEST}", json.dumps(body, sort_keys=True).encode())
     prune(fs, root, tag, keep)
@@ -266,6 +272,12 @@ class CheckpointWriter:
         self.commit_timeout_s = commit_timeout_s
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._abandoned = threading.Event()
+
+    def abandon(self) -> None:
+        """The run is stopping on an error and gives its folder back: an upload in flight commits nothing (a
+        checkpoint every rank had finished may be lost; the one committed before stays the latest)."""
+        self._abandoned.set()
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], zero_stage: int) -> float:
         """Write this rank's part of the checkpoint locally and start uploading it; returns the seconds
@@ -292,7 +304,8 @@ class CheckpointWriter:
             shutil.rmtree(local, ignore_errors=True)
             if self.rank == 0:
                 pointer = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
-                if commit(self.fs, self.root, tag, self.run_id, pointer, self.keep, self.commit_timeout_s):
+                if commit(self.fs, self.root, tag, self.run_id, pointer, self.keep, self.commit_timeout_s,
+                          self._abandoned):
                     log.info("checkpoint %s committed to %s", tag, redact_url(self.url))
         except BaseException as err:  # noqa: BLE001 - reported by wait() on the training thread
             self._error = err

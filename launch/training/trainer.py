@@ -72,11 +72,12 @@ class Trainer:
                                            self.world_size, cfg.checkpoint.keep, self.run_id,
                                            cfg.checkpoint.storage_options)
         self.lease: Optional[Lease] = None
-        self.resume_from: Optional[Committed] = self.rt.on_main(self._take_folder_and_resolve,
-                                                                expected=(ConfigError, LeaseHeld))
         try:
+            self.resume_from: Optional[Committed] = self.rt.on_main(self._take_folder_and_resolve,
+                                                                    expected=(ConfigError, LeaseHeld))
             self._build()
-        except BaseException as err:  # the engine, the checkpoint to load, the loader: the folder is given back
+        except BaseException as err:  # the broadcast of what to resume from (a SIGTERM while it waits for slow
+            # ranks), the engine, the checkpoint to load, the loader: a folder taken is given back
             self.release_lease(err)
             raise
 
@@ -156,6 +157,8 @@ class Trainer:
         """Give checkpoint.dir back (rank 0): at the end of training, or as the run stops on ``error``, which a
         failed release never replaces (`Lease.release_after`); a lease left behind is taken over by the next
         run once this process is gone or its heartbeat is stale."""
+        if error is not None and self.writer is not None:
+            self.writer.abandon()  # an upload still running must not commit into a folder this run gave back
         if self.lease is not None:
             lease, self.lease = self.lease, None
             lease.release_after(error)

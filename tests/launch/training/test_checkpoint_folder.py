@@ -52,3 +52,23 @@ def test_a_latest_naming_an_incomplete_step_falls_back_with_a_warning(tmp_path, 
     with caplog.at_level("WARNING"):
         found = checkpoint.find_latest(str(tmp_path))
     assert found.tag == "step-00000002" and "names step-00000004, but its files are incomplete" in caplog.text
+
+
+def test_an_abandoned_commit_writes_nothing_and_stops_waiting(tmp_path):
+    # The run stops on an error and gives its folder back while rank 0's commit waits for a rank that will never
+    # upload: the commit gives up at once and writes no `latest` (a run that took the folder over owns it now).
+    import threading
+    import time
+
+    fs, root = url_to_fs(str(tmp_path))
+    write_step(tmp_path, "step-00000002", [0], 2)  # rank 1 never finishes
+    abandoned = threading.Event()
+    threading.Timer(0.3, abandoned.set).start()
+    started = time.monotonic()
+    assert not checkpoint.commit(fs, root, "step-00000002", "r1", {"step": 2, "world_size": 2}, keep=2,
+                                 timeout_s=60, abandoned=abandoned)
+    assert time.monotonic() - started < 10 and not (tmp_path / "latest").exists()
+    write_step(tmp_path, "step-00000002", [1], 2)  # complete now, but abandoned: still nothing committed
+    assert not checkpoint.commit(fs, root, "step-00000002", "r1", {"step": 2, "world_size": 2}, keep=2,
+                                 abandoned=abandoned)
+    assert not (tmp_path / "latest").exists()

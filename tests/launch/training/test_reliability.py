@@ -70,6 +70,19 @@ def test_a_second_run_on_the_same_checkpoint_folder_is_refused_and_a_killed_one_
     assert not (ckpt / "_lease.json").exists()
 
 
+def _alive_in_group(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that have not exited (zombies waiting for a parent count as gone)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
 def test_sigterm_to_a_training_job_gives_its_checkpoint_folder_back(shards, tmp_path):
     # A preemption or `scancel` signals every process of the job: the launcher, the ranks, their DataLoader
     # workers. The ranks stop through their error path: rank 0 gives checkpoint.dir back, so the next run (from
@@ -88,13 +101,13 @@ def test_sigterm_to_a_training_job_gives_its_checkpoint_folder_back(shards, tmp_
                 time.sleep(0.5)
             assert (ckpt / "_lease.json").exists()
             os.killpg(job.pid, signal.SIGTERM)
-            deadline = time.time() + 60  # within the 20 s grace, and DeepSpeed's launcher's 30 s before SIGKILL
-            while time.time() < deadline:
-                try:
-                    os.killpg(job.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5)
+            signalled = time.monotonic()
+            job.wait(30)  # the `deepspeed` runner: SIGTERM ends it at once; DeepSpeed's launch.py and the ranks go on
+            while _alive_in_group(job.pid) and time.monotonic() < signalled + 60:
+                time.sleep(0.25)
+            took = time.monotonic() - signalled
+            assert not _alive_in_group(job.pid), log_path.read_text()[-3000:]
+            assert took < 25  # the ranks' orderly stop, within the 20 s grace (DeepSpeed's SIGKILL comes at 30 s)
         finally:
             try:
                 os.killpg(job.pid, signal.SIGKILL)
