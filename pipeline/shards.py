@@ -188,6 +188,8 @@ class ShardWriter:
         self._chunks: list[Any] = []
         """The current sample's pieces (headers, array views, padding), handed to the thread as one item."""
         self._error: Optional[BaseException] = None
+        self._abandoned = threading.Event()
+        """Set when `close` was interrupted before the thread got its end: the thread stops by itself."""
         self._queue: Optional[queue.Queue] = None
         self._thread: Optional[threading.Thread] = None
         if background:
@@ -208,7 +210,13 @@ class ShardWriter:
 
     def _drain(self) -> None:
         assert self._queue is not None
-        while (chunks := self._queue.get()) is not None:
+        while not self._abandoned.is_set():
+            try:
+                chunks = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if chunks is None:
+                return
             self._emit(chunks)  # after an error the queue keeps moving, so a waiting `write` never blocks
 
     def _hand_over(self, last: bool = False) -> None:
@@ -252,11 +260,13 @@ class ShardWriter:
             raise ValueError(f"invalid sample key {sample.key!r}")
         if sample.key in self.keys:
             raise ValueError(f"duplicate sample key {sample.key!r} in {self.path}")
-        meta = encode_json(sample.meta)  # before any state changes: a sample that cannot be encoded leaves none
+        # Everything that can fail on a bad sample first: a sample that cannot be encoded leaves no trace.
+        meta = encode_json(sample.meta)
         s1, s2 = npy_parts(sample.s1), npy_parts(sample.s2)
-        self.keys.add(sample.key)
         labels = sample.meta.get("label_vector")
-        self.rows.append((sample.key, self.bytes, None if labels is None else [int(v) for v in labels]))
+        labels = None if labels is None else [int(v) for v in labels]
+        self.keys.add(sample.key)
+        self.rows.append((sample.key, self.bytes, labels))
         start = self.bytes
         self._member(f"{sample.key}.json", [meta])  # MEMBERS order (webdataset sorts them so)
         self._member(f"{sample.key}.s1.npy", list(s1))
@@ -277,6 +287,9 @@ class ShardWriter:
                 self._put(_NUL[:tarfile.RECORDSIZE - self.bytes % tarfile.RECORDSIZE])
             self._hand_over(last=True)
         finally:
+            if self._thread is not None and self._thread.is_alive():  # interrupted (Ctrl-C) before the end:
+                self._abandoned.set()  # the thread stops within 0.5 s instead of waiting for it forever
+                self._thread.join(5)
             f, self._file = self._file, None
             try:
                 f.close()  # flushes the buffered tail: a full disk can show here first

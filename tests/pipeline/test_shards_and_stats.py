@@ -223,6 +223,7 @@ def test_shard_writer_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path, b
     samples.append(Sample("big", rng.normal(size=(2, 264, 264)).astype(np.float16),  # hashed outside the GIL
                           rng.integers(0, 9000, (3, 264, 264)).astype(np.uint16), {"i": 7}))
     with ShardWriter(str(tmp_path / "ours.tar"), background=background, pending=2) as w:
+        assert bool(_writer_threads()) == background  # the bytes below come from the thread when there is one
         for s in samples:
             w.write(s)
     reference = io.BytesIO()
