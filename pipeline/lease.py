@@ -64,14 +64,29 @@ class Lease:
             raise RuntimeError(f"the lease of {redact_url(self.url)} is already held by this Lease")
         self._stop.clear()  # a Lease released earlier may be taken again
         self._etag = None
+        try:
+            self._take()
+            self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+            self._thread.start()
+            self._held = True
+        except LeaseHeld:
+            raise
+        except BaseException:  # SIGTERM, Ctrl-C or an error after our create may have landed: the caller never
+            self._stop.set()  # gets this Lease, so it is removed here if it is ours (one quick attempt)
+            self._thread = None
+            self._remove_if_ours_quickly(quiet=True)
+            raise
+        return self
+
+    def _take(self) -> None:
         for _ in range(3):
             if self._create():
-                break
+                return
             held = self.holder()
             if held is None:  # released between our attempt and the read: try again
                 continue
             if held.get("owner") == self.owner:  # our own create landed, its reply was lost and the retry refused
-                break
+                return
             age = time.time() - float(held.get("heartbeat", 0))
             if not self.force and age <= self.stale_after_s and not _dead_here(held):
                 raise LeaseHeld(
@@ -85,22 +100,7 @@ class Lease:
             log.warning("taking over the lease of %s from owner %s (%s)", redact_url(self.url),
                         str(held.get("owner", "?"))[:12], why)
             retrying(self.fs.rm_file)(self.path)
-        else:
-            raise LeaseHeld(f"{redact_url(self.url)}: could not take the lease (others keep taking it)")
-        try:
-            self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
-            self._thread.start()
-            self._held = True
-        except BaseException:  # taken, but the caller never gets it (SIGTERM, Ctrl-C): not left behind
-            self._stop.set()
-            self._thread = None
-            try:
-                if self.owns():
-                    self.fs.rm_file(self.path)
-            except Exception as err:  # noqa: BLE001
-                self._left_behind(err)
-            raise
-        return self
+        raise LeaseHeld(f"{redact_url(self.url)}: could not take the lease (others keep taking it)")
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
@@ -131,33 +131,55 @@ class Lease:
             raise
         return True
 
-    def _conditional(self) -> bool:
-        """Heartbeats are conditional writes: on S3 (``If-Match``), once the ETag of this lease's write is known."""
-        return self._etag is not None and "s3" in _protocols(self.fs)
-
     def _refresh(self) -> bool:
         """Write a fresh heartbeat if the lease is still this run's; False when another run holds it (or none)."""
-        if not self._conditional():
-            # A file system (or a store without conditional writes): read, then replace; the window between the
-            # two is that of one local call.
+        if "s3" not in _protocols(self.fs):
+            # A file system (or a store without conditional writes here): read, then replace; the window between
+            # the two is that of one call.
             held = self.holder()
             if held is None or held.get("owner") != self.owner:
                 return False
             write_bytes_atomic(self.fs, self.path, self._body())
-            if "s3" in _protocols(self.fs):  # the ETag was unknown (an earlier create whose reply was lost)
-                self._etag = _etag(retrying(self.fs.info)(self.path))
             return True
+        if self._etag is None:  # our create's reply was lost: the lease as stored and its ETag, in one read
+            held, self._etag = retrying(self._read_s3)()
+            if held is None or held.get("owner") != self.owner:
+                return False
         try:
             self._etag = _etag(retrying(self.fs.pipe_file)(self.path, self._body(), IfMatch=self._etag))
             return True
-        except StorageUnavailable:
-            raise
-        except OSError:  # 412: another write since ours; 404: removed. Ours only if that write was our own retry
-            held = self.holder()
+        except FileNotFoundError:  # removed (a takeover between its delete and its create)
+            return False
+        except OSError as err:
+            if not _precondition_failed(err):
+                raise  # refused, unsupported, ...: `_beat` says so, and the heartbeat is not taken for written
+            # Another write since ours: a takeover, or our own earlier attempt whose reply was lost
+            held, etag = retrying(self._read_s3)()
             if held is None or held.get("owner") != self.owner:
                 return False
-            self._etag = _etag(retrying(self.fs.info)(self.path))  # our earlier attempt landed, its reply lost
+            self._etag = etag
             return True
+
+    def _read_s3(self) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """The stored lease and its ETag from one GET (no listing cache, no window between the two)."""
+        from fsspec.asyn import sync
+
+        async def get() -> tuple[bytes, Optional[str]]:
+            bucket, key, _ = self.fs.split_path(self.path)
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await resp["Body"].read(), resp.get("ETag")
+            finally:
+                resp["Body"].close()
+
+        try:
+            body, etag = sync(self.fs.loop, get)
+        except FileNotFoundError:
+            return None, None
+        try:
+            return json.loads(body), etag
+        except ValueError:
+            return {"owner": "?", "heartbeat": 0}, etag
 
     def holder(self) -> Optional[dict[str, Any]]:
         """The lease as stored; None when there is none (an unreadable one counts as stale)."""
@@ -203,39 +225,47 @@ class Lease:
             if self.owns():
                 retrying(self.fs.rm_file)(self.path)
         else:
-            try:
-                held = json.loads(self.fs.cat_file(self.path))
-                if held.get("owner") == self.owner:
-                    self.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
-            except Exception as err:  # noqa: BLE001 - the run's own error is already on its way
-                self._left_behind(err)
+            self._remove_if_ours_quickly()
         self._held = False  # not reached when a patient release fails: a quick attempt may follow
 
+    def _remove_if_ours_quickly(self, quiet: bool = False) -> None:
+        """One attempt, no retry window: read the lease, remove it if it is ours. Failures are logged (``quiet``:
+        at debug level, for a lease this run may never have created), never raised."""
+        try:
+            held = json.loads(self.fs.cat_file(self.path))
+            if held.get("owner") == self.owner:
+                self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+        except Exception as err:  # noqa: BLE001 - the run's own error is already on its way
+            if quiet:
+                log.debug("could not check the lease of %s: %s", redact_url(self.url), err)
+            else:
+                self._left_behind(err)
+
     def release_after(self, error: Optional[BaseException]) -> None:
-        """Release at the end of a run (``error`` None: as `release`) or as it stops on ``error``, without ever
-        replacing that error. After an outage that outlasted the window, or on Ctrl-C / SystemExit, with one
-        attempt; after any other error (the store up: a bad input, a non-finite loss) patiently, so that a
-        stray 503 does not leave the lease behind, but a release that fails only logs a warning."""
-        if error is None:
-            self.release()
-            return
+        """Release at the end of a run (``error`` None: as `release`, whose errors are raised) or as it stops on
+        ``error``, without ever replacing that error. After an outage that outlasted the window, or on Ctrl-C /
+        SystemExit, with one attempt; after any other error (the store up: a bad input, a non-finite loss)
+        patiently, so that a stray 503 does not leave the lease behind, but a release that fails only logs a
+        warning. A SIGTERM or Ctrl-C that interrupts a patient release gets one quick attempt before it goes on
+        (and the run's own error, if any, is logged: the stop would hide it)."""
         quick = isinstance(error, (StorageUnavailable, KeyboardInterrupt, SystemExit))
         try:
             self.release(patient=not quick)
-        except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
-            self._left_behind(err)
-        except (KeyboardInterrupt, SystemExit) as stop:  # SIGTERM or Ctrl-C during a patient release: the
-            # launcher stopping the other ranks after this one failed. One quick attempt, and the error this
-            # run stopped on is said before the stop takes over.
-            log.error("%s while giving the lease of %s back after: %s: %s", type(stop).__name__ if
-                      not str(stop) else stop, redact_url(self.url), type(error).__name__, redact_url(str(error)))
-            try:
-                self.release(patient=False)
-            except Exception as err:  # noqa: BLE001
-                self._left_behind(err)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            said = str(stop) or type(stop).__name__
+            if error is None:
+                log.warning("%s while giving the lease of %s back; one quick attempt", said, redact_url(self.url))
+            else:
+                log.error("%s while giving the lease of %s back after: %s: %s", said, redact_url(self.url),
+                          type(error).__name__, redact_url(str(error)))
+            self.release(patient=False)
             raise
+        except Exception as err:  # noqa: BLE001
+            if error is None:
+                raise
+            self._left_behind(err)  # the run's own error is the one to report
 
     def _left_behind(self, err: BaseException) -> None:
         log.warning("could not release the lease of %s (%s: %s); the next run takes it over once this "
@@ -252,6 +282,20 @@ class Lease:
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """An S3 412 (a conditional write refused), as s3fs raises it: an OSError whose cause is botocore's error."""
+    seen: Optional[BaseException] = err
+    for _ in range(4):
+        if seen is None:
+            break
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return status == 412 or response.get("Error", {}).get("Code") == "PreconditionFailed"
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _etag(response: Any) -> Optional[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import sys
@@ -58,9 +59,10 @@ def _say(message: str, block: bool = True) -> None:
         except BaseException:  # noqa: BLE001
             pass
         return
-    try:
-        os.set_blocking(2, False)
-        os.write(2, (message + "\n").encode())
+    try:  # no O_NONBLOCK on fd 2: it is shared with other processes (sibling ranks, the launcher, the shell)
+        data = (message + "\n").encode()[:select.PIPE_BUF]
+        if select.select([], [2], [], 0)[1]:  # room for PIPE_BUF bytes: a write that small cannot block
+            os.write(2, data)
     except BaseException:  # noqa: BLE001
         pass
 

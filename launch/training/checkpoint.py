@@ -107,15 +107,36 @@ def is_complete(fs: Any, root: str, tag: str, run_id: Optional[str]) -> bool:
     return True
 
 
+class Abandon:
+    """Set when a run stops on an error and gives its checkpoint folder back: a commit in flight then writes
+    nothing. A commit that has already begun writing `latest` and pruning finishes first (under the lock), and
+    `set` waits for it, within bounds, so that the folder is not given back in the middle of it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.lock = threading.Lock()
+
+    def set(self, wait_s: float = 10.0) -> None:
+        self._event.set()
+        if self.lock.acquire(timeout=wait_s):
+            self.lock.release()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+
 def commit(fs: Any, root: str, tag: str, run_id: str, pointer: dict[str, Any], keep: int,
-           timeout_s: float = 3600.0, abandoned: Optional[threading.Event] = None) -> bool:
+           timeout_s: float = 3600.0, abandoned: Optional[Abandon] = None) -> bool:
     """Rank 0: wait until ``tag`` is complete, write ``latest`` naming it, prune beyond ``keep``.
 
     Returns False (nothing committed) when not every rank finished within ``timeout_s``, or when ``abandoned``
-    is set first (the run stopped and gave its folder back)."""
+    is set before the writing begins (the run stopped and gave its folder back)."""
     deadline = time.time() + timeout_s
     delay = 0.05
-    stopped = abandoned or threading.Event()
+    stopped = abandoned or Abandon()
     while not is_complete(fs, root, tag, run_id):
         if time.time() > deadline:
             log.error("checkpoint %s not committed: not every rank finished its upload in %.0fs", tag, timeout_s)
@@ -123,12 +144,14 @@ def commit(fs: Any, root: str, tag: str, run_id: str, pointer: dict[str, Any], k
         if stopped.wait(delay):
             break
         delay = min(delay * 2, 5.0)
-    if stopped.is_set():
-        log.warning("checkpoint %s not committed: the run stopped before every rank had uploaded it", tag)
-        return False
-    body = {**pointer, "tag": tag, "run_id": run_id, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_bytes_atomic(fs, f"{root}/{LATEST}", json.dumps(body, sort_keys=True).encode())
-    prune(fs, root, tag, keep)
+    with stopped.lock:
+        if stopped.is_set():
+            log.warning("checkpoint %s not committed: the run stopped before it was", tag)
+            return False
+        body = {**pointer, "tag": tag, "run_id": run_id,
+                "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_bytes_atomic(fs, f"{root}/{LATEST}", json.dumps(body, sort_keys=True).encode())
+        prune(fs, root, tag, keep)
     return True
 
 
@@ -272,11 +295,12 @@ class CheckpointWriter:
         self.commit_timeout_s = commit_timeout_s
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
-        self._abandoned = threading.Event()
+        self._abandoned = Abandon()
 
     def abandon(self) -> None:
         """The run is stopping on an error and gives its folder back: an upload in flight commits nothing (a
-        checkpoint every rank had finished may be lost; the one committed before stays the latest)."""
+        checkpoint every rank had finished may be lost; the one committed before stays the latest). A commit
+        already writing is waited for (at most 10 s)."""
         self._abandoned.set()
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], zero_stage: int) -> float:

@@ -195,6 +195,10 @@ def test_heartbeats_keep_a_lease_fresh_with_conditional_writes(out):
             time.sleep(0.5)
             beats.append(lease.holder()["heartbeat"])
         assert beats == sorted(set(beats)) and lease._thread.is_alive()
+        # each beat's ETag came from its own PUT's response: the chain tracks the stored object
+        lease._stop.set()
+        lease._thread.join(10)
+        assert lease._etag == fresh_s3fs().info(f"{root}/{LEASE}")["ETag"]
     assert not fresh_s3fs().exists(f"{root}/{LEASE}")
 
 

@@ -62,7 +62,7 @@ def test_an_abandoned_commit_writes_nothing_and_stops_waiting(tmp_path):
 
     fs, root = url_to_fs(str(tmp_path))
     write_step(tmp_path, "step-00000002", [0], 2)  # rank 1 never finishes
-    abandoned = threading.Event()
+    abandoned = checkpoint.Abandon()
     threading.Timer(0.3, abandoned.set).start()
     started = time.monotonic()
     assert not checkpoint.commit(fs, root, "step-00000002", "r1", {"step": 2, "world_size": 2}, keep=2,

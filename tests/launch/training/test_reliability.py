@@ -107,7 +107,7 @@ def test_sigterm_to_a_training_job_gives_its_checkpoint_folder_back(shards, tmp_
                 time.sleep(0.25)
             took = time.monotonic() - signalled
             assert not _alive_in_group(job.pid), log_path.read_text()[-3000:]
-            assert took < 25  # the ranks' orderly stop, within the 20 s grace (DeepSpeed's SIGKILL comes at 30 s)
+            assert took < 30  # the ranks' orderly stop, before DeepSpeed's launcher sends SIGKILL at 30 s
         finally:
             try:
                 os.killpg(job.pid, signal.SIGKILL)
