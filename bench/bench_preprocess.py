@@ -125,11 +125,18 @@ def read_floor(source: str, input_url: str, profile: int = 0) -> dict[str, Any]:
 # -- the shard tasks in this process -----------------------------------------------------------
 
 
-def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path, writer_thread: bool = True) -> dict[str, Any]:
+WRITERS = ("thread", "calling", "discard")
+"""How `shard_tasks` has the shard writer hash and write: on its thread (the job's way), in the calling thread
+(``background=False``, the way before the thread), or on its thread into /dev/null (the tar discarded)."""
+
+
+def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path, writer: str = "thread") -> dict[str, Any]:
     """What one worker does without Ray: `build_shard` over the job's shards in this process, after a one-sample
-    warm-up task that pays the imports (webdataset imports torch: ~1.5-2.5 s per worker process). With
-    ``writer_thread=False`` the shard writer hashes and writes in the calling thread (`ShardWriter`'s
-    ``background=False``), as it did before it had a thread: the comparison row."""
+    warm-up task that pays the imports (webdataset imports torch: ~1.5-2.5 s per worker process). ``writer``
+    (`WRITERS`) picks the comparison rows: ``calling`` hashes and writes in the calling thread; ``discard`` hashes
+    every byte as the job does but writes the tar to /dev/null (an empty file takes its place, so the task
+    completes as usual): the worker's own work without the page-cache write of its output, which on a virtual
+    machine costs several times more where the guest touches memory the host has not backed yet."""
     import functools
 
     from pipeline import workers
@@ -137,9 +144,19 @@ def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path, writer_
     from pipeline.plan import ShardTask, pack_shards
     from pipeline.shards import ShardWriter
 
+    class DiscardingWriter(ShardWriter):
+        def __init__(self, path: str, **kwargs: Any):
+            super().__init__(os.devnull, **kwargs)
+            self.target = path
+
+        def close(self) -> None:
+            super().close()
+            Path(self.target).touch()
+
     def build_shard(*a):
         saved = workers.ShardWriter
-        workers.ShardWriter = functools.partial(ShardWriter, background=writer_thread)
+        workers.ShardWriter = (DiscardingWriter if writer == "discard"
+                               else functools.partial(ShardWriter, background=writer == "thread"))
         try:
             return workers.build_shard(*a)
         finally:
@@ -255,17 +272,18 @@ def main() -> None:
         bytes_per_sample = floor["bytes"] / floor["samples"]
         floor.update(rates(floor["samples"], floor["read_seconds"], bytes_per_sample))
 
-        # interleaved, the fastest of --repeat each: with the writer's thread (the job's way) and without it
-        tries: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        # interleaved, the fastest of --repeat each: the writer's thread (the job's way), the calling thread, and
+        # the tar discarded
+        tries: dict[str, list[dict[str, Any]]] = {w: [] for w in WRITERS}
         for _ in range(args.repeat):
-            for threaded in (True, False):
-                run = shard_tasks(args.source, input_url, args.shard_size_mb, work / "tasks", threaded)
+            for writer in WRITERS:
+                run = shard_tasks(args.source, input_url, args.shard_size_mb, work / "tasks", writer)
                 if run["samples"] != floor["samples"]:
                     sys.exit(f"the shard tasks wrote {run['samples']} samples, the floor read {floor['samples']}")
-                tries[threaded].append(run)
+                tries[writer].append(run)
                 shutil.rmtree(work / "tasks", ignore_errors=True)
-        tasks, unthreaded = (min(tries[t], key=lambda r: r["seconds"]) for t in (True, False))
-        for run in (tasks, unthreaded):
+        tasks, unthreaded, discarded = (min(tries[w], key=lambda r: r["seconds"]) for w in WRITERS)
+        for run in (tasks, unthreaded, discarded):
             run.update(rates(run["samples"], run["seconds"], bytes_per_sample))
 
         targets = [("local", None)]
@@ -334,6 +352,9 @@ def main() -> None:
     print(f"| the same, sha256 + write in the calling thread | local | 1 | {unthreaded['seconds']:.2f} | – "
           f"| {unthreaded['samples_per_s']:.1f} | {unthreaded['mb_per_s']:.0f} | {unthreaded['samples_per_s']:.1f} "
           f"| {unthreaded['mb_per_s']:.0f} | {unthreaded['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
+    print(f"| the same, tar discarded (/dev/null) | none | 1 | {discarded['seconds']:.2f} | – "
+          f"| {discarded['samples_per_s']:.1f} | {discarded['mb_per_s']:.0f} | {discarded['samples_per_s']:.1f} "
+          f"| {discarded['mb_per_s']:.0f} | {discarded['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
     dash = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for j in jobs:
         print(f"| preprocess | {j['target']} | {j['workers']} | {j['wall_seconds']:.2f} | {j['job_seconds']:.2f} "
@@ -355,7 +376,8 @@ def main() -> None:
           f"(imports); {tasks['cores_busy']:.2f} cores busy (the sha256 and the file write run on the shard "
           f"writer's thread), so per busy core / floor = "
           f"{tasks['samples_per_s'] / floor['samples_per_s'] / tasks['cores_busy']:.2f}; in the calling thread "
-          f"{unthreaded['cores_busy']:.2f} cores busy, {unthreaded['samples_per_s'] / floor['samples_per_s'] / unthreaded['cores_busy']:.2f} per busy core. The job rows add Ray's "
+          f"{unthreaded['cores_busy']:.2f} cores busy, {unthreaded['samples_per_s'] / floor['samples_per_s'] / unthreaded['cores_busy']:.2f} per busy core; with the tar discarded "
+          f"{discarded['cores_busy']:.2f} cores busy, {discarded['samples_per_s'] / floor['samples_per_s'] / discarded['cores_busy']:.2f} per busy core. The job rows add Ray's "
           f"start, its own processes "
           f"(dashboard agent, log monitor, ...) sharing the cores, planning and the per-task hand-over.")
     for j in jobs:
@@ -378,7 +400,8 @@ def main() -> None:
         print("```\n" + profile.strip() + "\n```")
 
     write_json(args.json, {"setup": setup, "hardware": hw, "archive": archive, "floor": floor, "shard_tasks": tasks,
-                           "shard_tasks_calling_thread": unthreaded, "jobs": jobs})
+                           "shard_tasks_calling_thread": unthreaded,
+                           "shard_tasks_tar_discarded": discarded, "jobs": jobs})
 
 
 if __name__ == "__main__":

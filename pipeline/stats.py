@@ -12,12 +12,18 @@ Integer data (Sentinel-2 digital numbers) is summed exactly instead
 integers, turned into a mean and M2 once per shard with a single rounding each.
 The sums are one pass over the stored integers, compiled with numba: no float
 copy, no mask, no temporary array, and exact.
+
+Half-precision floats (Sentinel-1 in dB in SSL4EO-S12 v1.1) take only 2^16
+values, so they are counted instead (`HalfSums`): per band a histogram of the
+16-bit patterns, one compiled pass a sample, and the moments of the finite
+values computed once per shard from it, exactly.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -99,11 +105,12 @@ class BandMoments:
         return cls(np.asarray(d["count"], np.int64), np.asarray(d["mean"], np.float64), np.asarray(d["m2"], np.float64))
 
     @classmethod
-    def exact(cls, count: list[int], total: list[int], squares: list[int]) -> "BandMoments":
-        """From exact integer sums: mean = total / count and M2 = (count * squares - total^2) / count, each
-        computed in integers and rounded once (Python's int / int is correctly rounded)."""
-        mean = [t / n if n else 0.0 for n, t in zip(count, total)]
-        m2 = [(n * q - t * t) / n if n else 0.0 for n, t, q in zip(count, total, squares)]
+    def exact(cls, count: list[int], total: list[int], squares: list[int], scale: int = 1) -> "BandMoments":
+        """From exact integer sums of the values times ``scale``: mean = total / (count * scale) and
+        M2 = (count * squares - total^2) / (count * scale^2), each computed in integers and rounded once (Python's
+        int / int is correctly rounded)."""
+        mean = [t / (n * scale) if n else 0.0 for n, t in zip(count, total)]
+        m2 = [(n * q - t * t) / (n * scale * scale) if n else 0.0 for n, t, q in zip(count, total, squares)]
         return cls(np.asarray(count, np.int64), np.asarray(mean, np.float64), np.asarray(m2, np.float64))
 
     def summary(self, bands: list[str]) -> dict[str, Any]:
@@ -161,6 +168,105 @@ class IntegerSums:
         return BandMoments.exact(self.count, self.total, self.squares)
 
 
+class HalfSums:
+    """Exact per-band count, mean and M2 of half-precision images over their finite pixels.
+
+    A float16 holds one of 2^16 bit patterns, so a sample is added by counting each band's patterns into a
+    (C, 65536) int64 histogram (`half_band_histogram`, one compiled pass over the stored bits: no float64 copy, no
+    mask), and `moments` reads the statistics off the histogram once: every finite float16 is an integer multiple
+    of 2^-24 below 2^16 in magnitude, so the count, the sum and the sum of squares are exact integers (at scale
+    2^24) and the mean and M2 are rounded once, like `IntegerSums`'. NaN and the infinities are not valid pixels:
+    the same set as ``np.isfinite``. About 5x cheaper a sample than `BandMoments.of_finite`, and exact where that
+    rounds its float64 sums.
+    """
+
+    SCALE = 2**24
+    """1 / the smallest positive float16 (a subnormal): value * SCALE is an integer for every finite float16."""
+
+    def __init__(self, bands: int):
+        self.hist = np.zeros((bands, 2**16), np.int64)
+
+    @staticmethod
+    def supports(x: np.ndarray) -> bool:
+        return x.dtype.kind == "f" and x.dtype.itemsize == 2
+
+    def add(self, x: np.ndarray) -> None:
+        """Add ``x`` (C, H, W) of float16, either byte order."""
+        if not self.supports(x):
+            raise TypeError(f"HalfSums takes half-precision floats, got {x.dtype}")
+        c = x.shape[0]
+        bits = np.ascontiguousarray(x.reshape(c, -1)).view(np.dtype(np.uint16).newbyteorder(x.dtype.byteorder))
+        half_band_histogram()(bits.astype(np.uint16, copy=False), self.hist)
+
+    def moments(self) -> BandMoments:
+        if int(self.hist.max(initial=0)) >= 2**31:  # past the int64 bounds of the grouped sums below: Python ints
+            return self._moments_in_python_ints()
+        # A finite float16 with exponent field e and fraction f is M * 2^(max(e-1, 0)) at SCALE, M = f + 1024 (e > 0)
+        # or f (e = 0), M < 2^11. Patterns 0x0000-0x7BFF (positive) and 0x8000-0xFBFF (negative) hold e = 0..30
+        # in rows of 1024 by f, so per exponent and sign sum(n * M) < 2^10 * 2^31 * 2^11 and sum(n * M^2) < 2^10 *
+        # 2^31 * 2^22 = 2^63 are exact in int64; the rows are then shifted and added in Python ints.
+        c = self.hist.shape[0]
+        pos = self.hist[:, 0x0000:0x7C00].reshape(c, 31, 1024)
+        neg = self.hist[:, 0x8000:0xFC00].reshape(c, 31, 1024)
+        e = np.arange(31)
+        m = np.arange(1024)[None, :] + np.where(e > 0, 1024, 0)[:, None]  # (31, 1024)
+        shift = np.maximum(e - 1, 0).tolist()
+        sums = [((h * m).sum(axis=2).tolist()) for h in (pos, neg)]  # (C, 31) each
+        square_sums = [((h * (m * m)).sum(axis=2).tolist()) for h in (pos, neg)]
+        count = [int(p) + int(n) for p, n in zip(pos.sum(axis=(1, 2)), neg.sum(axis=(1, 2)))]
+        total = [sum((p - n) << k for p, n, k in zip(*rows, shift)) for rows in zip(*sums)]
+        squares = [sum((p + n) << (2 * k) for p, n, k in zip(*rows, shift)) for rows in zip(*square_sums)]
+        return BandMoments.exact(count, total, squares, scale=self.SCALE)
+
+    def _moments_in_python_ints(self) -> BandMoments:
+        patterns, scaled = _finite_halves()
+        count, total, squares = [], [], []
+        for band in self.hist:
+            n = band[patterns]
+            seen = np.flatnonzero(n)
+            ns, vs = n[seen].tolist(), scaled[seen].tolist()  # Python ints: the products need more than 64 bits
+            count.append(sum(ns))
+            total.append(sum(map(operator.mul, ns, vs)))
+            squares.append(sum(map(operator.mul, map(operator.mul, ns, vs), vs)))
+        return BandMoments.exact(count, total, squares, scale=self.SCALE)
+
+
+@functools.cache
+def _finite_halves() -> tuple[np.ndarray, np.ndarray]:
+    """The bit patterns of the finite float16 values (63,488 of 2^16) and their values times `HalfSums.SCALE`, as
+    exact int64 (below 2^40 in magnitude)."""
+    values = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    patterns = np.flatnonzero(np.isfinite(values))
+    return patterns, (values[patterns].astype(np.float64) * HalfSums.SCALE).astype(np.int64)
+
+
+def _compiled(kernel: Callable) -> Callable:
+    """``kernel`` compiled by numba without the GIL, cached on disk where a cache location is writable: in
+    ``$NUMBA_CACHE_DIR`` when set, else beside this module, else in ``~/.cache/numba``. Where none is (a read-only
+    install and home folder), it is compiled in memory instead, once per process. numba is imported only here, so
+    the driver and processes that never compute statistics do not load it."""
+    import numba
+
+    try:
+        return numba.njit(cache=True, nogil=True)(kernel)
+    except RuntimeError as err:  # "cannot cache function ...: no locator available": nowhere to write the cache
+        log.info("numba cannot cache the statistics kernel %s (%s); compiling it in memory", kernel.__name__, err)
+        return numba.njit(nogil=True)(kernel)
+
+
+@functools.cache
+def half_band_histogram() -> Callable[[np.ndarray, np.ndarray], None]:
+    """The compiled kernel ``f(bits, hist)``: for each band ``i`` of ``bits`` (C, N) uint16 (float16 patterns in
+    native order), ``hist[i, p] += number of pixels with pattern p``. Compiled on first use (`_compiled`)."""
+
+    def band_histogram(bits, hist):  # pragma: no cover - compiled; the Python body is the specification
+        for i in range(bits.shape[0]):
+            for j in range(bits.shape[1]):
+                hist[i, bits[i, j]] += 1
+
+    return _compiled(band_histogram)
+
+
 @functools.cache
 def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
     """The compiled kernel ``f(x, nodata, out)``: for each band ``i`` of ``x`` (C, N) of 16-bit integers,
@@ -168,11 +274,7 @@ def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
 
     numba (LLVM) turns the loop into vector code: one read of the stored integers, nothing written but the
     (C, 3) result, about 8x faster than numpy's float64 copy, sum and dot product a band. Compiled on first use
-    in a process and cached on disk: in ``$NUMBA_CACHE_DIR`` when set, else beside this module, else in
-    ``~/.cache/numba``; numba is imported only then,
-    so the driver and processes that never compute statistics do not load it. Where no cache location is
-    writable (a read-only install and home folder), it is compiled in memory instead, once per process."""
-    import numba
+    (`_compiled`)."""
 
     def band_sums(x, nodata, out):  # pragma: no cover - compiled; the Python body is the specification
         for i in range(x.shape[0]):
@@ -188,8 +290,4 @@ def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
             out[i, 1] = squares
             out[i, 2] = hits
 
-    try:
-        return numba.njit(cache=True, nogil=True)(band_sums)
-    except RuntimeError as err:  # "cannot cache function ...: no locator available": nowhere to write the cache
-        log.info("numba cannot cache the statistics kernel (%s); compiling it in memory", err)
-        return numba.njit(nogil=True)(band_sums)
+    return _compiled(band_sums)

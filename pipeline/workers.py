@@ -24,7 +24,7 @@ from pipeline.plan import ShardTask, SplitPlan
 from pipeline.signals import keep_sigterm_handler
 from pipeline.shards import Sample, ShardWriter
 from pipeline.sources import Rejection, Source
-from pipeline.stats import BandMoments, IntegerSums
+from pipeline.stats import BandMoments, HalfSums, IntegerSums
 from pipeline.storage import RETRY_WINDOW_ENV, is_local, put_atomic, retry_window_s, url_to_fs, write_bytes_atomic
 
 
@@ -79,13 +79,19 @@ class _Tally:
 
     s2_sums: Optional[IntegerSums] = None
     """Exact sums of integer S2 (valid = not the no-data value: `Source.valid_s2`), folded into ``s2`` at the end."""
+    s1_counts: Optional[HalfSums] = None
+    """Histograms of float16 S1 (valid = finite: `Source.valid_s1`), folded into ``s1`` at the end."""
 
     def add(self, sample: Sample, source: Source) -> None:
-        if type(source).valid_s1 is Source.valid_s1 and np.issubdtype(sample.s1.dtype, np.floating):
-            s1 = BandMoments.of_finite(sample.s1)  # valid = finite, read from the float64 copy
+        finite_is_valid = type(source).valid_s1 is Source.valid_s1
+        if finite_is_valid and HalfSums.supports(sample.s1):
+            if self.s1_counts is None:
+                self.s1_counts = HalfSums(sample.s1.shape[0])
+            self.s1_counts.add(sample.s1)
+        elif finite_is_valid and np.issubdtype(sample.s1.dtype, np.floating):
+            self.s1 = self.s1.merge(BandMoments.of_finite(sample.s1))  # valid = finite, read from the float64 copy
         else:
-            s1 = BandMoments.of(sample.s1, source.valid_s1(sample.s1))
-        self.s1 = self.s1.merge(s1)
+            self.s1 = self.s1.merge(BandMoments.of(sample.s1, source.valid_s1(sample.s1)))
         if IntegerSums.supports(sample.s2):
             if self.s2_sums is None:
                 self.s2_sums = IntegerSums(sample.s2.shape[0], source.nodata()["s2"])
@@ -95,6 +101,9 @@ class _Tally:
         self.dtypes.setdefault("s1", str(sample.s1.dtype))
         self.dtypes.setdefault("s2", str(sample.s2.dtype))
         self.shape = self.shape or list(sample.s2.shape[1:])
+
+    def s1_moments(self) -> BandMoments:
+        return self.s1 if self.s1_counts is None else self.s1.merge(self.s1_counts.moments())
 
     def s2_moments(self) -> BandMoments:
         return self.s2 if self.s2_sums is None else self.s2.merge(self.s2_sums.moments())
@@ -141,7 +150,7 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
         "rows": writer.rows,  # (key, offset, label_vector) in write order: the sample index (pipeline.index)
         "dtypes": tally.dtypes,
         "shape": tally.shape,
-        "stats": {"s1": tally.s1.to_dict(), "s2": tally.s2_moments().to_dict()},
+        "stats": {"s1": tally.s1_moments().to_dict(), "s2": tally.s2_moments().to_dict()},
         "rejections": tally.rejections,
     }
     # The record is written after the shard is published: its presence means the shard is complete. Not

@@ -20,7 +20,7 @@ import webdataset as wds
 from pipeline.plan import pack_shards
 from pipeline.shards import Sample, ShardWriter, decode_npy, iter_samples, iter_tar_samples, make_key, npy_view
 from pipeline.sources.base import WorkItem
-from pipeline.stats import BandMoments, IntegerSums
+from pipeline.stats import BandMoments, HalfSums, IntegerSums
 from pipeline.storage import redact, redact_argv, redact_url
 
 
@@ -317,6 +317,77 @@ def test_band_moments_of_finite_equals_the_masked_moments_bit_for_bit(dtype, hol
     assert got.mean.tolist() == want.mean.tolist() and got.m2.tolist() == want.m2.tolist()
     ref = x[1][np.isfinite(x[1])].astype(np.float64)
     np.testing.assert_allclose(got.std[1], ref.std(), rtol=1e-12)
+
+
+def half_reference(x):
+    """Count, mean and M2 per band of x (S, C, H, W) over its finite pixels, from exact rationals."""
+    from fractions import Fraction
+
+    counts, means, m2s = [], [], []
+    for b in range(x.shape[1]):
+        v = [Fraction(float(e)) for e in x[:, b][np.isfinite(x[:, b])].ravel().tolist()]
+        n = len(v)
+        mean = sum(v, Fraction(0)) / n if n else Fraction(0)
+        counts.append(n)
+        means.append(float(mean))
+        m2s.append(float(sum(((e - mean) ** 2 for e in v), Fraction(0))) if n else 0.0)
+    return counts, means, m2s
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f2"])
+def test_half_sums_are_exact_over_every_half_precision_value(dtype):
+    # Every float16 bit pattern once (subnormals, -0, the extremes +-65504, NaNs and infinities), in band 0 as is, in
+    # band 1 read through a stride, plus a band that is all NaN: the counting must agree with np.isfinite exactly and
+    # the mean and M2 be those of the exact rational values, rounded once.
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    x = np.empty((2, 3, 256, 256), dtype)
+    x[0, 0] = every.reshape(256, 256)
+    x[1, 0] = every[::-1].reshape(256, 256)
+    x[:, 1] = np.random.default_rng(8).normal(-12, 5, size=(2, 256, 256))
+    x[:, 2] = np.nan
+    sums = HalfSums(3)
+    for sample in x:
+        sums.add(sample)
+    got = sums.moments()
+    counts, means, m2s = half_reference(x)
+    assert got.count.tolist() == counts == [2 * (2**16 - 2 * 2**10), 2 * 2**16, 0]
+    assert got.mean.tolist() == means and got.m2.tolist() == m2s
+    ref = x[:, 1].astype(np.float64).ravel()
+    np.testing.assert_allclose(got.mean[1], ref.mean(), rtol=1e-12)
+    np.testing.assert_allclose(got.std[1], ref.std(), rtol=1e-12)
+    strided = HalfSums(3)
+    for sample in np.ascontiguousarray(x[:, :, :, ::-1])[:, :, :, ::-1]:  # negative strides
+        strided.add(sample)
+    assert strided.hist.tolist() == sums.hist.tolist()
+
+
+def test_half_sums_past_the_int64_bounds_of_the_grouped_sums_stay_exact():
+    # Counts of 2^31 and more a pattern (a shard of many large tiles of one value) take the Python-int path; below
+    # that the grouped int64 sums give the same bits.
+    from fractions import Fraction
+
+    rng = np.random.default_rng(9)
+    sums = HalfSums(2)
+    sums.add(rng.normal(-12, 5, size=(2, 64, 64)).astype(np.float16))
+    assert sums.moments().mean.tolist() == sums._moments_in_python_ints().mean.tolist()
+    assert sums.moments().m2.tolist() == sums._moments_in_python_ints().m2.tolist()
+    big = np.float16(-65504.0).view(np.uint16), np.float16(2.0**-24).view(np.uint16), np.float16(3.5).view(np.uint16)
+    sums.hist[1, big[0]] += 2**40
+    sums.hist[1, big[1]] += 2**33
+    sums.hist[1, big[2]] += 3
+    got = sums.moments()
+    values = [(int(k), Fraction(float(np.uint16(i).view(np.float16)))) for i, k in enumerate(sums.hist[1]) if k]
+    n = sum(k for k, _ in values)
+    mean = sum(k * v for k, v in values) / n
+    assert got.count[1] == n and got.mean[1] == float(mean)
+    assert got.m2[1] == float(sum(k * (v - mean) ** 2 for k, v in values))
+
+
+def test_half_sums_take_half_precision_only():
+    assert HalfSums.supports(np.zeros(1, np.float16)) and HalfSums.supports(np.zeros(1, ">f2"))
+    assert not HalfSums.supports(np.zeros(1, np.float32)) and not HalfSums.supports(np.zeros(1, np.uint16))
+    with pytest.raises(TypeError, match="half-precision"):
+        HalfSums(1).add(np.zeros((1, 2, 2), np.float32))
 
 
 @pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", ">f8"])
