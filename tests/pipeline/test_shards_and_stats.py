@@ -388,6 +388,11 @@ def test_half_sums_take_half_precision_only():
     assert not HalfSums.supports(np.zeros(1, np.float32)) and not HalfSums.supports(np.zeros(1, np.uint16))
     with pytest.raises(TypeError, match="half-precision"):
         HalfSums(1).add(np.zeros((1, 2, 2), np.float32))
+    for shape in ((3, 2, 2), (4,)):  # more bands than the histogram has, or no band axis: refused, nothing counted
+        sums = HalfSums(1)
+        with pytest.raises(ValueError, match=r"C = 1, got shape"):
+            sums.add(np.zeros(shape, np.float16))
+        assert not sums.hist.any()
 
 
 @pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", ">f8"])
