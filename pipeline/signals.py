@@ -138,6 +138,14 @@ def sigterm_as_exit(grace_s: float = DEFAULT_GRACE_S, what: str = "the job") -> 
     _ACTIVE.append(1)
     try:
         yield
+    except BaseException as err:
+        # Terminated can surface as another error: raised inside an extension module's initialisation (an import
+        # under way: "ImportError: initialization failed"), or caught and re-raised by library code. Whatever
+        # escapes once SIGTERM has fired is the stop, and ends as one.
+        if not fired or isinstance(err, Terminated):
+            raise
+        _say(f"{what}: stopped by SIGTERM (it interrupted: {type(err).__name__}: {str(err)[:200]})")
+        raise Terminated() from err
     finally:
         _ACTIVE.pop()
         # After a SIGTERM the process is on its way out (interpreter shutdown, atexit hooks, Ray's shutdown): the

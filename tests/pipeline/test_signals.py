@@ -77,6 +77,39 @@ def test_sigterm_gives_the_lease_back_and_exits_143(tmp_path):
     assert took < 25  # the orderly stop, not the watchdog's deadline
 
 
+def test_an_error_the_sigterm_turned_into_is_still_an_orderly_stop(tmp_path):
+    # SIGTERM during an extension module's initialisation surfaces as "ImportError: initialization failed" (seen:
+    # rank 0 importing matplotlib for its first pictures); library code can also catch Terminated and raise its
+    # own error. Once SIGTERM has fired, what escapes the block is the stop: exit 143, the lease given back, no
+    # traceback, the interrupted error named in one line. Before it has fired an error passes through unchanged.
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = start(f"""
+        from pipeline.signals import Terminated
+        with sigterm_as_exit(grace_s=30, what="the job"):
+            with Lease({str(out)!r}, "a job"):
+                try:
+                    print("ready", flush=True)
+                    while True:
+                        time.sleep(0.05)
+                except Terminated as stop:
+                    raise ImportError("initialization failed") from stop
+    """, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err, took = finish(proc)
+    assert code == 143, err
+    assert "the job: stopped by SIGTERM (it interrupted: ImportError: initialization failed)" in err, err
+    assert "Traceback" not in err and not (out / "_lease.json").exists() and took < 25
+
+    proc = start("""
+        with sigterm_as_exit(grace_s=30, what="the job"):
+            print("ready", flush=True)
+            raise ImportError("a real one")
+    """, tmp_path)
+    code, _, err, _ = finish(proc)
+    assert code == 1 and "Traceback" in err and "ImportError: a real one" in err and "SIGTERM" not in err
+
+
 def test_a_second_sigterm_does_not_cut_the_clean_up_short(tmp_path):
     # A launcher forwards the SIGTERM its process group already received: the ranks get it twice, at once.
     proc = start("""
