@@ -186,6 +186,14 @@ class Source(ABC):
         return valid
 
 
+def in_order(bands: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """``bands[order]`` along the first axis: a view where ``order`` is the stored order (a sample then shares its
+    reader's array, which nothing changes afterwards), a copy otherwise."""
+    if len(order) == bands.shape[0] and all(i == k for k, i in enumerate(order)):
+        return bands
+    return bands[list(order)]
+
+
 def count_finite(x: np.ndarray) -> int:
     """How many elements of floating ``x`` are finite. float16 (Sentinel-1 in SSL4EO-S12 v1.1) is read through its
     bits, finite unless every exponent bit is set (IEEE 754 binary16): ~10x faster than numpy's float16 isfinite."""

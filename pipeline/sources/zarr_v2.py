@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Collection, Mapping, Optional
 
 import numpy as np
 
@@ -48,15 +48,17 @@ class ArrayReader:
     after its only dimension: ``time``, ``band``, ``x``, ``y``) are decoded, since xarray loads them on opening.
     Anything else raises `Unsupported` (or the codec's own error), so that xarray judges the store."""
 
-    def __init__(self, entries: Mapping[str, bytes]):
+    def __init__(self, entries: Mapping[str, bytes], arrays: Optional[Collection[str]] = None):
+        """``arrays``: only these arrays are checked and can be read (those of them the store has), for a caller that
+        reads nothing else of a large store; the checks are those xarray makes of the same arrays."""
         self.entries = entries
         try:
             consolidated = json.loads(entries[".zmetadata"])
             self.meta: dict[str, Any] = consolidated["metadata"]
         except (KeyError, ValueError, TypeError) as err:
             raise Unsupported(f"no consolidated metadata ({type(err).__name__}: {err})") from err
-        self._specs = {k[: -len("/.zarray")]: self._spec(k[: -len("/.zarray")])
-                       for k in self.meta if k.endswith("/.zarray")}
+        names = [k[: -len("/.zarray")] for k in self.meta if k.endswith("/.zarray")]
+        self._specs = {name: self._spec(name) for name in names if arrays is None or name in arrays}
         sizes: dict[str, int] = {}
         for name, spec in self._specs.items():
             dims = self.attrs(name).get("_ARRAY_DIMENSIONS")
@@ -111,28 +113,71 @@ class ArrayReader:
         decoded to datetime64 from its CF ``units`` and ``calendar``."""
         if name in self._cache:
             return self._cache[name]
-        if name not in self._specs:
-            raise KeyError(name)
-        spec = self._specs[name]
-        shape, chunks, dtype, codec = spec["shape"], spec["chunks"], spec["dtype"], spec["codec"]
-        out = np.empty(shape, dtype.newbyteorder("="))
+        spec = self._checked(name)
+        shape, chunks = spec["shape"], spec["chunks"]
+        out = np.empty(shape, spec["dtype"].newbyteorder("="))
         grid = [range(math.ceil(s / c)) if c else range(1) for s, c in zip(shape, chunks)]
         for index in itertools.product(*grid) if shape else [()]:
-            key = f"{name}/{spec['sep'].join(str(i) for i in index) if index else '0'}"
-            raw = self.entries.get(key)
-            if raw is None:
-                raise Unsupported(f"{name}: chunk {key} is missing (the fill value would stand in)")
-            data = codec.decode(raw) if codec is not None else raw
-            chunk = np.frombuffer(data, dtype)
-            if chunk.size != math.prod(chunks):
-                raise ValueError(f"{key}: {chunk.size} values, expected {math.prod(chunks)} for chunks {chunks}")
-            chunk = chunk.reshape(chunks, order=spec["order"])
-            where = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
-            out[where] = chunk[tuple(slice(0, w.stop - w.start) for w in where)]
+            self._place(name, spec, index, out, tuple(i * c for i, c in zip(index, chunks)))
         if name == _TIME:
             out = _datetimes(out, self.attrs(name))
         self._cache[name] = out
         return out
+
+    def read_row(self, name: str, i: int) -> np.ndarray:
+        """``read(name)[i]``, decoding only the chunks that hold row ``i`` of the first axis: one location of a
+        file that chunks one location per chunk. A new array (writable, not cached) in native byte order."""
+        spec = self._checked(name)
+        shape, chunks = spec["shape"], spec["chunks"]
+        if not shape or not -shape[0] <= i < shape[0]:
+            raise IndexError(f"{name}: row {i} of shape {shape}")
+        i %= shape[0]
+        k = i // chunks[0]  # the chunk row that holds row i, and the rows it holds
+        first, stop = k * chunks[0], min((k + 1) * chunks[0], shape[0])
+        out = np.empty((stop - first, *shape[1:]), spec["dtype"].newbyteorder("="))
+        grid = [range(math.ceil(s / c)) if c else range(1) for s, c in zip(shape[1:], chunks[1:])]
+        for rest in itertools.product(*grid):
+            self._place(name, spec, (k, *rest), out, (0, *(j * c for j, c in zip(rest, chunks[1:]))))
+        return out[i - first]
+
+    def _checked(self, name: str) -> dict[str, Any]:
+        if name not in self._specs:
+            raise KeyError(name)
+        return self._specs[name]
+
+    def _place(self, name: str, spec: dict[str, Any], index: tuple[int, ...], out: np.ndarray,
+               corner: tuple[int, ...]) -> None:
+        """Decode chunk ``index`` of ``name`` into ``out`` at ``corner`` (the chunk's first element in ``out``'s
+        coordinates), cut at ``out``'s edges; straight into ``out`` where the chunk is one contiguous block of it
+        (a chunk per location, or per time step): no intermediate buffer, ~2x faster for a 7 MB chunk."""
+        chunks, dtype, codec = spec["chunks"], spec["dtype"], spec["codec"]
+        key = f"{name}/{spec['sep'].join(str(i) for i in index) if index else '0'}"
+        raw = self.entries.get(key)
+        if raw is None:
+            raise Unsupported(f"{name}: chunk {key} is missing (the fill value would stand in)")
+        where = tuple(slice(c, min(c + n, s)) for c, n, s in zip(corner, chunks, out.shape))
+        dest = out[where] if out.ndim else out  # a 0-d array indexed by () gives a scalar, not a view
+        if (dest.shape == tuple(chunks) and dest.flags.c_contiguous and dtype.isnative and spec["order"] == "C"
+                and _blosc_nbytes(codec, raw) == dest.nbytes):
+            codec.decode(raw, out=dest)
+            return
+        data = codec.decode(raw) if codec is not None else raw
+        chunk = np.frombuffer(data, dtype)
+        if chunk.size != math.prod(chunks):
+            raise ValueError(f"{key}: {chunk.size} values, expected {math.prod(chunks)} for chunks {chunks}")
+        chunk = chunk.reshape(chunks, order=spec["order"])
+        out[where] = chunk[tuple(slice(0, w.stop - w.start) for w in where)]
+
+
+def _blosc_nbytes(codec: Any, raw: bytes) -> Optional[int]:
+    """The decompressed size a Blosc frame declares (bytes 4-7 of its 16-byte header, little-endian: the c-blosc
+    header format, README_HEADER.rst), None for another codec. Blosc decompresses into a destination larger than
+    that without a word, so the size is compared first."""
+    from numcodecs import Blosc
+
+    if not isinstance(codec, Blosc) or len(raw) < 16:
+        return None
+    return int.from_bytes(raw[4:8], "little")
 
 
 def _is_nan(value: Any) -> bool:

@@ -1,0 +1,217 @@
+"""The chunk-file release (`ssl4eo-zarr`) read straight from its zip entries, one location at a time
+(`ArrayReader.read_row`, numcodecs decoding each chunk into its array), gives exactly what xarray gives; a store
+the direct reader declines goes to xarray, and a damaged chunk loses its own location only."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import pytest
+from conftest import fresh_s3fs
+
+from pipeline import synthetic
+from pipeline.shards import Sample
+from pipeline.sources import SOURCES, SourceOptions
+from pipeline.sources import ssl4eo_zarr
+from pipeline.sources.zarr_v2 import ArrayReader, Unsupported
+from pipeline.storage import url_to_fs
+
+
+def _read(root: Path, **options) -> tuple[list, list]:
+    """Plan and read the train split in this process: ([(key, s1 dtype, s1 bytes, s2 dtype, s2 bytes, meta)],
+    [(key, reason, detail)])."""
+    reader = SOURCES["ssl4eo-zarr"](str(root), SourceOptions(**options))
+    items, rejects = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    samples, rejected = [], [(r.key, r.reason, r.detail) for r in rejects]
+    for r in reader.read(list(items), "train"):
+        if isinstance(r, Sample):
+            samples.append((r.key, r.s1.dtype.str, r.s1.tobytes(), r.s2.dtype.str, r.s2.tobytes(), r.meta))
+        else:
+            rejected.append((r.key, r.reason, r.detail))
+    return samples, rejected
+
+
+def _through_xarray(monkeypatch) -> None:
+    def declined(self, fs, path):
+        raise Unsupported("declined by the test")
+
+    monkeypatch.setattr(ssl4eo_zarr._Cubes, "_open_direct", declined)
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite the zip at ``path`` with ``edit(entries)`` applied to its ``{name: bytes}``."""
+    with zipfile.ZipFile(path) as zf:
+        entries = {n: zf.read(n) for n in zf.namelist()}
+    edit(entries)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chunk-files")
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 2}, samples_per_file=3, size=18, seed=11)
+    return root
+
+
+def _files(root: Path, product: str) -> list[Path]:
+    return sorted((root / "train" / product).glob("*.zarr.zip"))
+
+
+def test_the_release_files_are_read_directly(archive):
+    fs, _ = url_to_fs(str(archive))
+    for product in ("S1GRD", "S2L1C", "S2L2A"):
+        cubes = ssl4eo_zarr._Cubes(fs, str(_files(archive, product)[0]))
+        try:
+            assert cubes._reader is not None, product  # not the xarray fallback
+            assert cubes.location(2).shape[0] == 4 and cubes.location(2).flags.writeable
+        finally:
+            cubes.close()
+
+
+@pytest.mark.parametrize("options", [{}, {"s2_offset": "keep"}, {"s2_product": "L2A"}], ids=["L1C", "keep", "L2A"])
+def test_direct_and_xarray_give_the_same_samples(archive, monkeypatch, options):
+    direct = _read(archive, **options)
+    assert len(direct[0]) == 2 * 3 * 4 and direct[1] == []
+    with monkeypatch.context() as m:
+        _through_xarray(m)
+        assert _read(archive, **options) == direct
+    if not options:  # the offset is removed: stored = raw - 1000, raw as xarray reads it
+        raw = _read(archive, s2_offset="keep")[0]
+        for (_, _, _, dtype, removed, _), (_, _, _, _, kept, _) in zip(direct[0], raw):
+            np.testing.assert_array_equal(np.frombuffer(removed, dtype),
+                                          np.frombuffer(kept, dtype).astype(np.int32) - 1000)
+
+
+def test_a_store_the_direct_reader_declines_is_read_through_xarray(archive, tmp_path, monkeypatch):
+    root = tmp_path / "declined"
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=2, size=18, seed=12)
+    s2 = _files(root, "S2L1C")[0]
+
+    def with_an_attribute_xarray_decodes(entries):
+        meta = json.loads(entries[".zmetadata"])
+        meta["metadata"]["bands/.zattrs"]["add_offset"] = 0  # xarray's CF decoding turns the values to float
+        entries[".zmetadata"] = json.dumps(meta).encode()
+
+    _rewrite(s2, with_an_attribute_xarray_decodes)
+    fs, _ = url_to_fs(str(root))
+    cubes = ssl4eo_zarr._Cubes(fs, str(s2))
+    assert cubes._reader is None and cubes.location(0).dtype.kind == "f"
+    cubes.close()
+    got = _read(root)
+    with monkeypatch.context() as m:
+        _through_xarray(m)
+        assert _read(root) == got
+    assert len(got[0]) == 2 * 4 and {s[3] for s in got[0]} != {"<i2"}  # xarray's values, not the stored ints
+
+
+def test_a_damaged_chunk_loses_its_location_only(archive, tmp_path, monkeypatch):
+    root = tmp_path / "damaged"
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=3, size=18, seed=13)
+    intact = _read(root)
+    location_ids = sorted({s[5]["sample_id"] for s in intact[0]})
+
+    def garbage_chunk(entries):
+        entries["bands/1.0.0.0.0"] = b"not a blosc frame" * 8
+
+    s2 = _files(root, "S2L1C")[0]
+    _rewrite(s2, garbage_chunk)
+    fs, _ = url_to_fs(str(root))
+    lost = ssl4eo_zarr._file_metadata(fs, str(s2))["ids"][1]  # the location chunk 1 holds
+    assert lost in location_ids
+    for path in ("direct", "xarray"):
+        with monkeypatch.context() as m:
+            if path == "xarray":
+                _through_xarray(m)
+            samples, rejected = _read(root)
+        assert samples == [s for s in intact[0] if s[5]["sample_id"] != lost], path
+        assert sorted(k for k, _, _ in rejected) == [f"{lost}_t{t}" for t in range(4)], path
+        assert {reason for _, reason, _ in rejected} == {"unreadable"}, path
+
+
+# -- ArrayReader.read_row on its own --------------------------------------------------------------------------------
+
+
+def _store(bands: np.ndarray, chunks: tuple, compressor: str = "blosc") -> dict[str, bytes]:
+    """A consolidated Zarr v2 store written by xarray's own zarr writer: ``bands`` (sample, time, y, x)."""
+    import xarray as xr
+    import zarr
+
+    ds = xr.Dataset({"bands": (("sample", "time", "y", "x"), bands)})
+    encoding = {"chunks": chunks, **({"compressors": None} if compressor == "none" else {})}
+    entries: dict = {}
+    ds.to_zarr(zarr.storage.MemoryStore(store_dict=entries), zarr_format=2, consolidated=True, mode="w",
+               encoding={"bands": encoding})
+    return {k: v.to_bytes() for k, v in entries.items()}
+
+
+@pytest.mark.parametrize("dtype, chunks, compressor", [
+    ("<i2", (1, 2, 5, 5), "blosc"),  # a chunk per row: decoded straight into the row
+    ("<i2", (3, 1, 2, 5), "blosc"),  # rows, times and y chunked, cut at the edges
+    ("<f2", (2, 2, 5, 5), "none"),
+    (">f4", (3, 2, 5, 5), "blosc"),  # big-endian: values in native order, as xarray gives them
+])
+def test_read_row_is_the_row_of_the_whole_array(dtype, chunks, compressor):
+    bands = np.arange(7 * 2 * 5 * 5).astype(dtype).reshape(7, 2, 5, 5)
+    reader = ArrayReader(_store(bands, chunks, compressor))
+    whole = reader.read("bands")
+    np.testing.assert_array_equal(whole, bands)
+    for i in range(-7, 7):
+        row = reader.read_row("bands", i)
+        assert row.dtype == whole.dtype and row.dtype.isnative and row.flags.writeable
+        np.testing.assert_array_equal(row, bands[i])
+    for i in (7, -8):
+        with pytest.raises(IndexError, match="row"):
+            reader.read_row("bands", i)
+
+
+def test_only_the_arrays_asked_for_are_checked():
+    bands = np.arange(2 * 2 * 5 * 5, dtype=np.int16).reshape(2, 2, 5, 5)
+    entries = _store(bands, (1, 2, 5, 5))
+    meta = json.loads(entries[".zmetadata"])
+    meta["metadata"]["other/.zarray"] = {**meta["metadata"]["bands/.zarray"], "filters": [{"id": "delta", "dtype": "<i2"}]}
+    meta["metadata"]["other/.zattrs"] = {"_ARRAY_DIMENSIONS": ["sample", "time", "y", "x"]}
+    entries[".zmetadata"] = json.dumps(meta).encode()
+    with pytest.raises(Unsupported, match="filters"):
+        ArrayReader(entries)
+    reader = ArrayReader(entries, arrays=("bands",))
+    assert "bands" in reader and "other" not in reader
+    np.testing.assert_array_equal(reader.read_row("bands", 1), bands[1])
+
+
+@pytest.mark.parametrize("how", ["read_row", "read"])
+def test_a_blosc_chunk_of_another_size_is_refused_not_decoded_into_the_row(how):
+    bands = np.arange(2 * 2 * 5 * 5, dtype=np.int16).reshape(2, 2, 5, 5)
+    entries = _store(bands, (1, 2, 5, 5))
+    zarray = json.loads(entries[".zmetadata"])["metadata"]["bands/.zarray"]
+    codec = numcodecs.get_codec(zarray["compressor"])
+    entries["bands/1.0.0.0"] = codec.encode(np.arange(10, dtype=np.int16))  # a valid frame, 10 values not 50
+    reader = ArrayReader(entries)
+    with pytest.raises(ValueError, match=r"bands/1\.0\.0\.0: 10 values, expected 50"):
+        reader.read_row("bands", 1) if how == "read_row" else reader.read("bands")
+    np.testing.assert_array_equal(reader.read_row("bands", 0), bands[0])
+
+
+def test_a_file_on_s3_is_read_directly_through_its_ranged_reads(archive, s3_bucket):
+    s3 = fresh_s3fs()
+    local = _files(archive, "S2L1C")[1]
+    remote = f"{s3_bucket}/train/S2L1C/{local.name}"
+    s3.put(str(local), remote)
+    fs, _ = url_to_fs(str(archive))
+    cubes, expected = ssl4eo_zarr._Cubes(s3, remote), ssl4eo_zarr._Cubes(fs, str(local))
+    try:
+        assert cubes._reader is not None  # the zip directory and chunks read over the retrying ranged file
+        assert cubes.band_names() == expected.band_names()
+        for i in range(3):
+            np.testing.assert_array_equal(cubes.location(i), expected.location(i))
+    finally:
+        cubes.close()
+        expected.close()
