@@ -45,7 +45,6 @@ from pipeline.sources.base import (
     Result,
     Source,
     WorkItem,
-    in_order,
     pair_by_date,
 )
 from pipeline.sources.wds_tar import MemberRef, TarIndex, index_tar, open_ranged, read_member
@@ -323,7 +322,9 @@ class ZarrWebDataset(Source):
             pair = pairs[it.time_index]
             bad = self._gap_problem(it, pair, l1, l2)
             if bad is None:
-                s1, s2 = in_order(l1.bands[pair.s1], order1), in_order(l2.bands[pair.s2], order2)
+                # copies, not views of the location's cube (`in_order`): with the members read ahead, views measured
+                # ~5% slower here (each queued sample then holds its location's whole cube)
+                s1, s2 = l1.bands[pair.s1][order1], l2.bands[pair.s2][order2]
                 bad = self.check(it, s1, s2, self.url(refs["s2"]))
             yield bad if bad is not None else Sample(it.key, s1, s2, self._meta(it, split, pair, l1, l2))
 
