@@ -110,10 +110,11 @@ class _Tally:
 
 
 def one_thread_per_worker() -> None:
-    """Keep the codecs a shard task calls on its own thread. The job runs one worker per core, and Blosc (which
-    decodes the Zarr sources' chunks) starts a thread per core from a process's main thread, where Ray runs a
-    task: N workers would run N x N decoding threads. Single-threaded it also measured ~6% faster on an idle
-    2-core machine (a 7 MB chunk of LZ4 is not worth splitting)."""
+    """Keep the codecs a shard task calls on its own thread. The job runs one worker per core, and numcodecs'
+    Blosc (which decodes the Zarr sources' chunks) starts a thread per core (up to 8) when called from a process's
+    main thread, where Ray runs a task: N workers would run up to 8N decoding threads. Importing zarr turns those
+    threads off, but the direct readers (`pipeline.sources.zarr_v2`) may never import it. Single-threaded it also
+    measured ~6% faster on an idle 2-core machine (a 7 MB chunk of LZ4 is not worth splitting)."""
     from numcodecs import blosc
 
     blosc.use_threads = False

@@ -59,7 +59,7 @@ from pipeline.sources.base import (
     in_order,
     pair_by_date,
 )
-from pipeline.sources.zarr_v2 import ArrayReader
+from pipeline.sources.zarr_v2 import ArrayReader, Unsupported
 from pipeline.storage import RetryingFile, StorageUnavailable, is_local, retrying
 
 # Product folders as published: S1 GRD, and one per S2 processing level ("S2" + level).
@@ -159,26 +159,30 @@ class _Cubes:
     """The ``bands`` cube of one chunk file, one location (all its acquisitions) at a time.
 
     Read straight from the zip's chunk entries by `ArrayReader` (numcodecs decoding each chunk into its array),
-    which checks ``bands`` and ``band`` as xarray would and declines any store whose values xarray would read
-    otherwise; a declined or damaged file is opened through xarray instead (`open_zarr_zip`), which reads it or
-    says what is wrong, as it always did. The direct way is ~2x faster a location: zarr's event-loop round trips
-    and an intermediate copy of each 7 MB chunk are gone (bench/results/2026-12-07-vm-preprocess-direct-zarr.md)."""
+    which checks ``bands`` and ``band`` as xarray would and declines a store whose values xarray would read
+    otherwise (CF attributes, filters, a fill value to mask); a declined or damaged file is opened through xarray
+    instead (`open_zarr_zip`), which reads it or says what is wrong, as it always did, and so is a location whose
+    chunk the file leaves out (zarr writes no chunk that is all fill value: xarray reads the fill value there).
+    The direct way is ~2x faster a location: zarr's event-loop round trips and an intermediate copy of each 7 MB
+    chunk are gone (bench/results/2026-12-07-vm-preprocess-direct-zarr.md)."""
 
     def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
         self._raw: Any = None
         self._zip: Optional[zipfile.ZipFile] = None
         self._reader: Optional[ArrayReader] = None
         self._ds = None
         try:
-            self._open_direct(fs, path)
+            self._open_direct()
         except StorageUnavailable:
+            self.close()
             raise
         except Exception:  # noqa: BLE001 - Unsupported, or damaged: xarray reads it or raises its own error
             self.close()
             self._ds = open_zarr_zip(fs, path)
 
-    def _open_direct(self, fs, path: str) -> None:
-        self._raw = open(path, "rb") if is_local(fs) else RetryingFile(fs, path, block_size=8 << 20)
+    def _open_direct(self) -> None:
+        self._raw = open(self.path, "rb") if is_local(self.fs) else RetryingFile(self.fs, self.path, block_size=8 << 20)
         self._zip = zipfile.ZipFile(self._raw)  # does not close a file it was given: `close` does
         self._reader = ArrayReader(_ZipEntries(self._zip), arrays=("bands", "band"))
         if "bands" not in self._reader:
@@ -191,17 +195,37 @@ class _Cubes:
         return list(self._ds["band"].values) if "band" in self._ds.coords else None
 
     def location(self, i: int) -> np.ndarray:
-        """(time, band, y, x) of location ``i``: a new array of this location's alone, writable."""
-        if self._reader is not None:
-            return self._reader.read_row("bands", i)
-        cube = np.asarray(self._ds["bands"][i].values)
-        return cube if cube.flags.writeable else cube.copy()
+        """(time, band, y, x) of location ``i``, writable, shared with nothing this reader keeps (the file's
+        chunking puts one location in a chunk; with several, a view of the new array of their chunk row).
+        Raises `LocationUnreadable` naming this file for anything but an outage."""
+        try:
+            if self._reader is not None:
+                try:
+                    return self._reader.read_row("bands", i)
+                except Unsupported:  # a chunk left out: xarray reads the fill value, as it always did
+                    pass
+            if self._ds is None:
+                self._ds = open_zarr_zip(self.fs, self.path)
+            cube = np.asarray(self._ds["bands"][i].values)
+            return cube if cube.flags.writeable else cube.copy()
+        except StorageUnavailable:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged chunk: the caller loses this location only
+            raise LocationUnreadable(self.path, err) from err
 
     def close(self) -> None:
-        for handle in (self._zip, self._raw):
+        for handle in (self._ds, self._zip, self._raw):
             if handle is not None:
                 handle.close()
-        self._zip = self._raw = self._reader = None
+        self._ds = self._zip = self._raw = self._reader = None
+
+
+class LocationUnreadable(Exception):
+    """A location's chunk that cannot be read, and the file that holds it."""
+
+    def __init__(self, path: str, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.path = path
 
 
 class _ZipEntries(Mapping):
@@ -239,9 +263,10 @@ class _LocationCache:
             self.key = None
             s1, s2 = cubes1.location(i1), cubes2.location(i2)
             if self.remove_offset and np.issubdtype(s2.dtype, np.integer):
-                # stored = raw - 1000 in the stored dtype; like the int32 round trip it replaces, it wraps where
-                # raw - 1000 leaves the dtype (no such value in the release: raw no-data 0 becomes -1000)
-                np.subtract(s2, S2_OFFSET, out=s2)
+                # stored = raw - 1000 in the stored dtype, wrapping where raw - 1000 leaves it (no such value in the
+                # release: raw no-data 0 becomes -1000): the offset taken modulo the dtype, as an int32 round trip
+                # would give, for any integer dtype
+                np.subtract(s2, np.array(S2_OFFSET).astype(s2.dtype), out=s2)
             self.arrays, self.key = (s1, s2), (i1, i2)
         return self.arrays
 
@@ -423,9 +448,10 @@ class SSL4EOZarr(Source):
                 opened.append(_Cubes(self.fs, path))
         except StorageUnavailable:  # an outage longer than the retry window: the job stops, nothing skipped
             raise
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - the file that would not open (S1 first) loses the pair's samples
             for it in items:
-                yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
+                yield Rejection(self.url(path), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key,
+                                it.time_index)
             return
         finally:
             if len(opened) < 2:
@@ -456,9 +482,12 @@ class SSL4EOZarr(Source):
                 s1, s2 = location.get(cubes1, cubes2, it.refs["i1"], it.refs["i2"])
                 # views where the stored order is ours: the samples share the location's arrays, never changed
                 s1, s2 = in_order(s1[it.refs["t1"]], order1), in_order(s2[it.refs["t2"]], order2)
+            except LocationUnreadable as err:  # a corrupt chunk loses this location's samples only
+                yield Rejection(self.url(err.path), it.sample_id, UNREADABLE, str(err), it.key, it.time_index)
+                continue
             except StorageUnavailable:
                 raise
-            except Exception as err:  # noqa: BLE001 - a corrupt chunk loses this sample only
+            except Exception as err:  # noqa: BLE001 - a cube of another shape than planned loses this sample only
                 yield Rejection(self.url(p2), it.sample_id, UNREADABLE, f"{type(err).__name__}: {err}", it.key, it.time_index)
                 continue
             bad = self.check(it, s1, s2, self.url(p2))

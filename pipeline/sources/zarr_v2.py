@@ -11,7 +11,7 @@ filters, fill_value, order, dimension_separator; chunk ``<name>/<i>.<j>...``), w
 numcodecs, zarr's own codec library, doing every decompression.
 
 It reads only stores it can read exactly as xarray's zarr backend would (`ArrayReader`, which checks
-the whole store on opening, as xarray does): anything else (filters, object or character
+the whole store on opening, as xarray does, or only the arrays a caller names): anything else (filters, object or character
 dtypes, a missing chunk, arrays without dimension names or with conflicting sizes, an
 attribute that xarray would decode: scale_factor, add_offset, _FillValue, missing_value, time
 units on another array than ``time``, or a fill_value other than a float array's NaN, which
@@ -42,11 +42,12 @@ class Unsupported(Exception):
 class ArrayReader:
     """The arrays of one consolidated Zarr v2 store held as ``{key: bytes}``.
 
-    The whole store is checked when it is opened, as xarray checks it: every array's metadata must be one this
+    The whole store (or the ``arrays`` named) is checked when it is opened, as xarray checks it: every array's metadata must be one this
     reader reads exactly as xarray would, every array must name its dimensions (``_ARRAY_DIMENSIONS``, one per
     axis) with the same size for a dimension wherever it appears, and the index coordinates (an array named
     after its only dimension: ``time``, ``band``, ``x``, ``y``) are decoded, since xarray loads them on opening.
-    Anything else raises `Unsupported` (or the codec's own error), so that xarray judges the store."""
+    Anything else raises `Unsupported` (or, for a damaged chunk, a ValueError naming it), so that xarray judges
+    the store."""
 
     def __init__(self, entries: Mapping[str, bytes], arrays: Optional[Collection[str]] = None):
         """``arrays``: only these arrays are checked and can be read (those of them the store has), for a caller that
@@ -126,7 +127,9 @@ class ArrayReader:
 
     def read_row(self, name: str, i: int) -> np.ndarray:
         """``read(name)[i]``, decoding only the chunks that hold row ``i`` of the first axis: one location of a
-        file that chunks one location per chunk. A new array (writable, not cached) in native byte order."""
+        file that chunks one location per chunk. Writable, not cached, in native byte order: a new array, or a view
+        of the new array of its chunk row where a chunk holds several rows. Values as stored (``time`` is not
+        decoded here: `read` decodes it)."""
         spec = self._checked(name)
         shape, chunks = spec["shape"], spec["chunks"]
         if not shape or not -shape[0] <= i < shape[0]:
@@ -159,9 +162,15 @@ class ArrayReader:
         dest = out[where] if out.ndim else out  # a 0-d array indexed by () gives a scalar, not a view
         if (dest.shape == tuple(chunks) and dest.flags.c_contiguous and dtype.isnative and spec["order"] == "C"
                 and _blosc_nbytes(codec, raw) == dest.nbytes):
-            codec.decode(raw, out=dest)
+            try:
+                codec.decode(raw, out=dest)
+            except Exception as err:  # noqa: BLE001 - as below
+                raise ValueError(f"{key}: {type(err).__name__}: {err}") from err
             return
-        data = codec.decode(raw) if codec is not None else raw
+        try:
+            data = codec.decode(raw) if codec is not None else raw
+        except Exception as err:  # the codec's own words ("error during blosc decompression: -1") name no chunk
+            raise ValueError(f"{key}: {type(err).__name__}: {err}") from err
         chunk = np.frombuffer(data, dtype)
         if chunk.size != math.prod(chunks):
             raise ValueError(f"{key}: {chunk.size} values, expected {math.prod(chunks)} for chunks {chunks}")

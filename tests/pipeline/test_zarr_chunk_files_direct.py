@@ -27,12 +27,16 @@ def _read(root: Path, **options) -> tuple[list, list]:
     [(key, reason, detail)])."""
     reader = SOURCES["ssl4eo-zarr"](str(root), SourceOptions(**options))
     items, rejects = reader.plan("train", lambda fn, args: [fn(a) for a in args])
-    samples, rejected = [], [(r.key, r.reason, r.detail) for r in rejects]
+    rejected = [(r.key, r.reason, r.detail) for r in rejects]
+    # the samples are kept, as the shard writer keeps them queued, and their bytes read once the reader is done:
+    # an array changed after it was yielded (they are views of their location's array) shows here
+    kept = []
     for r in reader.read(list(items), "train"):
         if isinstance(r, Sample):
-            samples.append((r.key, r.s1.dtype.str, r.s1.tobytes(), r.s2.dtype.str, r.s2.tobytes(), r.meta))
+            kept.append(r)
         else:
             rejected.append((r.key, r.reason, r.detail))
+    samples = [(r.key, r.s1.dtype.str, r.s1.tobytes(), r.s2.dtype.str, r.s2.tobytes(), r.meta) for r in kept]
     return samples, rejected
 
 
@@ -135,6 +139,29 @@ def test_a_damaged_chunk_loses_its_location_only(archive, tmp_path, monkeypatch)
         assert samples == [s for s in intact[0] if s[5]["sample_id"] != lost], path
         assert sorted(k for k, _, _ in rejected) == [f"{lost}_t{t}" for t in range(4)], path
         assert {reason for _, reason, _ in rejected} == {"unreadable"}, path
+        if path == "direct":  # the message names the file's chunk, the rejection the file that holds it
+            assert all("bands/1.0.0.0.0" in detail for _, _, detail in rejected)
+
+
+@pytest.mark.parametrize("product", ["S1GRD", "S2L1C"])
+def test_a_chunk_the_file_leaves_out_reads_as_xarray_reads_it(tmp_path, monkeypatch, product):
+    """zarr writes no chunk that is all fill value; xarray reads the fill value there (NaN for S1, 0 for S2: an
+    all-no-data location), and so must the direct path, which hands such a location to xarray."""
+    root = tmp_path / "sparse"
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=3, size=18, seed=14)
+
+    def without_chunk_1(entries):
+        del entries["bands/1.0.0.0.0"]
+
+    _rewrite(_files(root, product)[0], without_chunk_1)
+    direct = _read(root)
+    with monkeypatch.context() as m:
+        _through_xarray(m)
+        assert _read(root) == direct
+    fs, _ = url_to_fs(str(root))
+    lost = ssl4eo_zarr._file_metadata(fs, str(_files(root, product)[0]))["ids"][1]
+    assert len(direct[0]) == 2 * 4 and sorted(k for k, _, _ in direct[1]) == [f"{lost}_t{t}" for t in range(4)]
+    assert {reason for _, reason, _ in direct[1]} == {"non_finite" if product == "S1GRD" else "all_nodata"}
 
 
 # -- ArrayReader.read_row on its own --------------------------------------------------------------------------------
