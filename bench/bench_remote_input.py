@@ -1,10 +1,12 @@
-"""Reading the WebDataset release from object storage: what a request's round trip costs a worker, and what the
-read-ahead of `pipeline.sources.wds_zarr` (``--read-ahead``, `SourceOptions.read_ahead`) wins back.
+"""Reading the Zarr releases from object storage: what a request's round trip costs a worker, and what the
+read-ahead of `pipeline.sources.wds_zarr` and `pipeline.sources.ssl4eo_zarr` (``--read-ahead``,
+`SourceOptions.read_ahead`) wins back.
 
 A member of the release is one ranged request, and each request waits a round trip before its first byte
 (tens of ms to S3 in the same region, more across regions): a worker that fetched each location when it
 needed it would wait on the store for most of its time. Generates an SSL4EO-S12 v1.1 WebDataset archive
-(S1GRD and S2L1C tars, 264 px, one zipped Zarr member per location and modality), uploads it to a moto S3
+(S1GRD and S2L1C tars, 264 px, one zipped Zarr member per location and modality; with ``--source
+ssl4eo-zarr`` the chunk-file layout instead, 64 locations a file, a chunk per location), uploads it to a moto S3
 server on loopback, plans it once, then reads every sample in this process through the source's own
 ``read`` (samples decoded and discarded, as `bench_preprocess.py`'s floor does):
 
@@ -17,6 +19,7 @@ serves every byte through Python: at latency 0 it, not the reader, is what the S
 
     python bench/bench_remote_input.py                                 # 256 samples, ~2 min on 2 cores
     python bench/bench_remote_input.py --latency-ms 0 30 --depths 0 4
+    python bench/bench_remote_input.py --source ssl4eo-zarr           # the chunk files
 """
 
 from __future__ import annotations
@@ -40,15 +43,25 @@ from common import hardware, load_average, moto_server, print_header, upload_arc
 from launch.demo.proxy import StoreProxy  # noqa: E402
 from pipeline.sources import SOURCES, Rejection, SourceOptions  # noqa: E402
 from pipeline.sources.base import DEFAULT_READ_AHEAD  # noqa: E402
-from pipeline.synthetic import make_ssl4eo_wds  # noqa: E402
+from pipeline.synthetic import make_ssl4eo_wds, make_ssl4eo_zarr  # noqa: E402
 
 SIZE = 264
 SEASONS = 4
 
 
-def read_all(url: str, items: Any, options: SourceOptions) -> dict[str, Any]:
+def make_archive(source: str, root: Path, locations: int) -> None:
+    """S1GRD and S2L1C of ``locations`` locations at 264 px in ``source``'s layout (64 locations a chunk file)."""
+    if source == "ssl4eo-wds":
+        make_ssl4eo_wds(root, splits={"train": 1}, samples_per_shard=locations, size=SIZE, products=("S1GRD", "S2L1C"))
+    else:
+        files = math.ceil(locations / 64)
+        make_ssl4eo_zarr(root, splits={"train": files}, samples_per_file=math.ceil(locations / files), size=SIZE,
+                         products=("S1GRD", "S2L1C"))
+
+
+def read_all(url: str, items: Any, options: SourceOptions, source: str = "ssl4eo-wds") -> dict[str, Any]:
     """Every sample of ``items`` through the source's ``read``, decoded and discarded; timings."""
-    src = SOURCES["ssl4eo-wds"](url, options)
+    src = SOURCES[source](url, options)
     samples = rejected = 0
     cpu, start = time.process_time(), time.perf_counter()
     for result in src.read(items, "train"):
@@ -63,6 +76,7 @@ def read_all(url: str, items: Any, options: SourceOptions) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="ssl4eo-wds", choices=["ssl4eo-wds", "ssl4eo-zarr"])
     parser.add_argument("--samples", type=int, default=256, help="samples to generate (locations x 4 seasons)")
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 20.0, 50.0],
                         help="round trips the proxy adds to every request")
@@ -78,13 +92,12 @@ def main() -> None:
     try:
         locations = math.ceil(args.samples / SEASONS)
         start = time.perf_counter()
-        make_ssl4eo_wds(work / "archive", splits={"train": 1}, samples_per_shard=locations, size=SIZE,
-                        products=("S1GRD", "S2L1C"))
+        make_archive(args.source, work / "archive", locations)
         generate_s = time.perf_counter() - start
         local_url = str(work / "archive")
-        local_items, _ = SOURCES["ssl4eo-wds"](local_url, SourceOptions()).plan("train", lambda f, a: [f(x) for x in a])
-        read_all(local_url, local_items, SourceOptions())  # warm-up: imports, page cache
-        floor = read_all(local_url, local_items, SourceOptions())
+        local_items, _ = SOURCES[args.source](local_url, SourceOptions()).plan("train", lambda f, a: [f(x) for x in a])
+        read_all(local_url, local_items, SourceOptions(), args.source)  # warm-up: imports, page cache
+        floor = read_all(local_url, local_items, SourceOptions(), args.source)
 
         rows = []
         with contextlib.ExitStack() as stack:
@@ -93,13 +106,13 @@ def main() -> None:
             up = urlparse(endpoint)
             proxy = stack.enter_context(StoreProxy((up.hostname, up.port)))
             remote = {"endpoint_url": proxy.url, "skip_instance_cache": True}
-            items, _ = SOURCES["ssl4eo-wds"](url, SourceOptions(storage_options=remote)).plan(
+            items, _ = SOURCES[args.source](url, SourceOptions(storage_options=remote)).plan(
                 "train", lambda f, a: [f(x) for x in a])
             for latency in args.latency_ms:
                 proxy.latency(latency / 1000)
                 for depth in args.depths:
                     proxy.reset()
-                    row = read_all(url, items, SourceOptions(storage_options=remote, read_ahead=depth))
+                    row = read_all(url, items, SourceOptions(storage_options=remote, read_ahead=depth), args.source)
                     if row["samples"] != floor["samples"]:
                         sys.exit(f"read {row['samples']} samples from S3, {floor['samples']} locally")
                     row.update(latency_ms=latency, depth=depth, mb_received=proxy.received / 1e6,
@@ -111,10 +124,11 @@ def main() -> None:
     hw = hardware(packages=("numpy", "s3fs", "moto"))
     hw["load_avg_1m"] = f"{load_before} at start, {load_average()} at end"
     default_depth = DEFAULT_READ_AHEAD
-    setup = {"source": "ssl4eo-wds", "size_px": SIZE, "samples": floor["samples"], "locations": locations,
+    setup = {"source": args.source, "size_px": SIZE, "samples": floor["samples"], "locations": locations,
              "generate_s": round(generate_s, 1), "upload_s": round(upload_s, 1),
              "default_depth": default_depth, "store": "moto on loopback behind a latency proxy"}
-    print_header("Reading the WebDataset release from S3: round trips and read-ahead", setup, hw)
+    print_header(f"Reading {'the WebDataset release' if args.source == 'ssl4eo-wds' else 'the Zarr chunk files'} "
+                 "from S3: round trips and read-ahead", setup, hw)
     print("| input | added round trip | read-ahead depth | s | samples/s | / local floor | MB from the store "
           "| cores busy (this process) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -124,8 +138,11 @@ def main() -> None:
         mark = " (default)" if r["depth"] == default_depth else ""
         print(f"| S3 | {r['latency_ms']:.0f} ms | {r['depth']}{mark} | {r['seconds']:.2f} | {r['samples_per_s']:.1f} "
               f"| {r['over_floor']:.2f} | {r['mb_received']:.0f} | {r['cores_busy']:.2f} |")
+    what = ("two ranged GETs (its S1 and its S2 member)" if args.source == "ssl4eo-wds" else
+            "two chunks (its S1 and its S2 chunk, one ranged GET each when fetched ahead; without read-ahead zipfile "
+            "reads them through the file's 8 MB blocks)")
     print("\nEach S3 row reads the same planned items (planning done once, without added latency). A location is "
-          "two ranged GETs (its S1 and its S2 member); depth 0 issues them when the location comes, depth N keeps "
+          f"{what}; depth 0 issues them when the location comes, depth N keeps "
           "the next N locations' requests in flight on 2N threads (a location's two at once) while this one is "
           "decoded. Cores busy counts "
           "this process only; the moto server and the proxy run on the same cores.")

@@ -102,6 +102,10 @@ class StorageUnavailable(RuntimeError):
     """The store kept failing with transient errors for the whole retry window: the run stops (nothing skipped)."""
 
 
+class ReadAbandoned(RuntimeError):
+    """A read ahead given up because its reader stopped (never transient: no retry follows)."""
+
+
 def retry_window_s() -> float:
     """The retry window in force: `set_retry_window`, else ``$FUSMAE_RETRY_WINDOW_S``, else 900 s."""
     try:

@@ -85,8 +85,9 @@ class SourceOptions:
     max_pair_gap_days: float = 45.0
     """Sources that pair S1 and S2 acquisitions by date quarantine pairs further apart than this (days)."""
     read_ahead: int = DEFAULT_READ_AHEAD
-    """Object-store input of the WebDataset releases: locations whose members a worker fetches ahead on threads
-    while it writes the current one (0: none). Speed only: the samples do not depend on it."""
+    """Object-store input of the Zarr releases (WebDataset members, chunk files): locations whose members or chunks a
+    worker fetches ahead on threads while it writes the current one (0: none). Speed only: the samples do not
+    depend on it."""
 
 
 Result = Union[Sample, Rejection]

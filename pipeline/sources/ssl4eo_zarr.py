@@ -30,15 +30,20 @@ pair's date rank (0 = earliest), not a season.
 Files are opened in place, never loaded whole: the zip's directory, then the chunk
 of each location as it is needed, from the local file or by ranged reads of the
 remote object; numcodecs decodes each chunk straight into the location's array
-(`_Cubes`), and xarray reads any file that reader declines.
+(`_Cubes`), and xarray reads any file that reader declines. On an object store the
+chunks of the next ``read_ahead`` locations are fetched on threads (`_ChunkReadAhead`).
 """
 
 from __future__ import annotations
 
 import re
+import struct
+import threading
 import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -60,7 +65,7 @@ from pipeline.sources.base import (
     pair_by_date,
 )
 from pipeline.sources.zarr_v2 import ArrayReader, Unsupported
-from pipeline.storage import RetryingFile, StorageUnavailable, is_local, retrying
+from pipeline.storage import ReadAbandoned, RetryingFile, StorageUnavailable, is_local, retrying
 
 # Product folders as published: S1 GRD, and one per S2 processing level ("S2" + level).
 S1_PRODUCT = "S1GRD"
@@ -169,6 +174,7 @@ class _Cubes:
     def __init__(self, fs, path: str):
         self.fs, self.path = fs, path
         self._raw: Any = None
+        self._entries: Optional[_ZipEntries] = None
         self._zip: Optional[zipfile.ZipFile] = None
         self._reader: Optional[ArrayReader] = None
         self._ds = None
@@ -184,9 +190,27 @@ class _Cubes:
     def _open_direct(self) -> None:
         self._raw = open(self.path, "rb") if is_local(self.fs) else RetryingFile(self.fs, self.path, block_size=8 << 20)
         self._zip = zipfile.ZipFile(self._raw)  # does not close a file it was given: `close` does
-        self._reader = ArrayReader(_ZipEntries(self._zip), arrays=("bands", "band"))
+        self._entries = _ZipEntries(self._zip)
+        self._reader = ArrayReader(self._entries, arrays=("bands", "band"))
         if "bands" not in self._reader:
             raise KeyError("bands")
+
+    def fetch_ahead(self, i: int, ahead: "_ChunkReadAhead") -> None:
+        """Have ``ahead`` fetch the chunks of location ``i`` on its threads; `location` takes them from there.
+        Nothing for a file read through xarray, or for a chunk the reader will not find in the zip directory."""
+        if self._reader is None or self._zip is None or self._entries is None:
+            return
+        try:
+            keys = self._reader.row_keys("bands", i)
+        except IndexError:  # a location the file does not hold: `location` says so when it comes
+            return
+        for key in keys:
+            try:
+                info = self._zip.getinfo(key)
+            except KeyError:  # a chunk the file leaves out: xarray reads its fill value when it comes
+                continue
+            if _ChunkReadAhead.can_fetch(info) and key not in self._entries.ahead:
+                self._entries.ahead[key] = ahead.submit(self.path, info)
 
     def band_names(self) -> Optional[list[Any]]:
         """The stored band names, None without a ``band`` coordinate."""
@@ -217,7 +241,7 @@ class _Cubes:
         for handle in (self._ds, self._zip, self._raw):
             if handle is not None:
                 handle.close()
-        self._ds = self._zip = self._raw = self._reader = None
+        self._ds = self._zip = self._raw = self._reader = self._entries = None
 
 
 class LocationUnreadable(Exception):
@@ -234,10 +258,15 @@ class _ZipEntries(Mapping):
     def __init__(self, zf: zipfile.ZipFile):
         self._zip = zf
         self._names = {n for n in zf.namelist() if not n.endswith("/")}
+        self.ahead: dict[str, Future] = {}
+        """Entries being fetched on `_ChunkReadAhead`'s threads, taken (and waited for) when asked for."""
 
     def __getitem__(self, name: str) -> bytes:
         if name not in self._names:
             raise KeyError(name)
+        fetched = self.ahead.pop(name, None)
+        if fetched is not None:
+            return fetched.result()  # its error, if it had one: an outage (StorageUnavailable) or a damaged entry
         return self._zip.read(name)
 
     def __iter__(self) -> Iterator[str]:
@@ -245,6 +274,65 @@ class _ZipEntries(Mapping):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+class _ChunkReadAhead:
+    """The chunks of the locations to come, fetched on threads while the current one is decoded, checked and
+    written: on an object store each chunk is a request that waits a round trip before its first byte, and a
+    location's S2 chunk is ~7 MB. Each entry is one ranged request for its bytes (its local header, name and data;
+    a second where the local header is longer than the central directory says), checked against the directory's
+    CRC-32 as zipfile checks it. `close` cancels what has not started; a fetch still retrying through an outage
+    gives up at its next attempt."""
+
+    SLACK = 1024
+    """Bytes fetched past the central directory's idea of the local header, for a longer local extra field."""
+
+    def __init__(self, fs, depth: int):
+        self.fs = fs
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(2 * depth, thread_name_prefix="chunk-fetch")
+
+    @staticmethod
+    def can_fetch(info: zipfile.ZipInfo) -> bool:
+        """Stored or deflated, not encrypted: what this class reads; zipfile reads anything else when it comes."""
+        return info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not info.flag_bits & 0x1
+
+    def submit(self, path: str, info: zipfile.ZipInfo) -> Future:
+        return self.pool.submit(self._entry, path, info)
+
+    def _entry(self, path: str, info: zipfile.ZipInfo) -> bytes:
+        name = info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        start = info.header_offset
+        size = zipfile.sizeFileHeader + len(name) + len(info.extra) + info.compress_size + self.SLACK
+        buf = self._range(path, start, start + size)
+        if len(buf) < zipfile.sizeFileHeader:
+            raise zipfile.BadZipFile(f"{info.filename}: truncated local header")
+        header = struct.unpack(zipfile.structFileHeader, buf[:zipfile.sizeFileHeader])
+        if header[0] != zipfile.stringFileHeader:
+            raise zipfile.BadZipFile(f"{info.filename}: bad magic number for its local header")
+        data_at = zipfile.sizeFileHeader + header[10] + header[11]  # + file name length + extra field length
+        end = data_at + info.compress_size
+        if end > len(buf):
+            buf += self._range(path, start + len(buf), start + end)
+        if end > len(buf):
+            raise zipfile.BadZipFile(f"{info.filename}: truncated ({len(buf) - data_at} of {info.compress_size} bytes)")
+        data = buf[data_at:end]
+        raw = zlib.decompress(data, -15) if info.compress_type == zipfile.ZIP_DEFLATED else data
+        if zlib.crc32(raw) != info.CRC:
+            raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+        return raw
+
+    def _range(self, path: str, start: int, end: int) -> bytes:
+        def cat_file(path: str, start: int, end: int) -> bytes:
+            if self.stop.is_set():
+                raise ReadAbandoned("the reader stopped")  # not transient: the retries end here
+            return self.fs.cat_file(path, start=start, end=end)
+
+        return retrying(cat_file)(path, start, end)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _LocationCache:
@@ -469,7 +557,35 @@ class SSL4EOZarr(Source):
         location = _LocationCache(remove_offset=self.options.s2_offset == "remove")
         order1 = self._band_order(cubes1, self.s1_bands)
         order2 = self._band_order(cubes2, self.s2_bands)
+        ahead = None
+        if not is_local(self.fs) and self.options.read_ahead > 0 and order1 is not None and order2 is not None:
+            ahead = _ChunkReadAhead(self.fs, self.options.read_ahead)
+        try:
+            yield from self._read_samples(items, split, cubes1, cubes2, location, (order1, order2), ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _read_samples(self, items: Sequence[WorkItem], split: str, cubes1: _Cubes, cubes2: _Cubes,
+                      location: _LocationCache, orders: tuple, ahead: Optional[_ChunkReadAhead]) -> Iterator[Result]:
+        p1, p2 = items[0].refs["s1"], items[0].refs["s2"]
+        order1, order2 = orders
+        # the locations in the order the items come: `ahead` fetches the first read_ahead of them, then one more
+        # each time a location's chunks are in, so read_ahead are in flight while a location is decoded and written
+        to_fetch = iter(dict.fromkeys((it.refs["i1"], it.refs["i2"]) for it in items))
+
+        def fetch_next() -> None:
+            nxt = next(to_fetch, None)
+            if ahead is not None and nxt is not None:
+                cubes1.fetch_ahead(nxt[0], ahead)
+                cubes2.fetch_ahead(nxt[1], ahead)
+
+        for _ in range(self.options.read_ahead if ahead is not None else 0):
+            fetch_next()
+        current = None
         for it in items:
+            begins = (it.refs["i1"], it.refs["i2"]) != current
+            current = (it.refs["i1"], it.refs["i2"])
             if order1 is None or order2 is None:
                 which, cubes = ("S1", cubes1) if order1 is None else ("S2", cubes2)
                 stored = cubes.band_names()
@@ -479,7 +595,11 @@ class SSL4EOZarr(Source):
                                 it.key, it.time_index)
                 continue
             try:
-                s1, s2 = location.get(cubes1, cubes2, it.refs["i1"], it.refs["i2"])
+                try:
+                    s1, s2 = location.get(cubes1, cubes2, it.refs["i1"], it.refs["i2"])
+                finally:
+                    if begins:  # this location's chunks are in (or lost): one more location goes into flight
+                        fetch_next()
                 # views where the stored order is ours: the samples share the location's arrays, never changed
                 s1, s2 = in_order(s1[it.refs["t1"]], order1), in_order(s2[it.refs["t2"]], order2)
             except LocationUnreadable as err:  # a corrupt chunk loses this location's samples only

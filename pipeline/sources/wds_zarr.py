@@ -49,7 +49,7 @@ from pipeline.sources.base import (
 )
 from pipeline.sources.wds_tar import MemberRef, TarIndex, index_tar, open_ranged, read_member
 from pipeline.sources.zarr_member import MEMBER_EXT, Location, decode_member
-from pipeline.storage import StorageUnavailable, is_local, redact_url, retrying
+from pipeline.storage import ReadAbandoned, StorageUnavailable, is_local, redact_url, retrying
 
 S2_LEVEL_FOLDERS = {"L1C": "S2L1C", "L2A": "S2L2A"}
 """The S2 product folder of each ``--s2-product``, as both releases name them."""
@@ -406,10 +406,6 @@ def _members(item: WorkItem) -> list[tuple[str, str, MemberRef]]:
     """(tag, tar path, member) of the S1 and S2 members of ``item``'s location."""
     refs = item.refs
     return [(tag, refs[tag], MemberRef(refs["member"], refs[f"o{tag[1]}"], refs[f"n{tag[1]}"])) for tag in ("s1", "s2")]
-
-
-class ReadAbandoned(RuntimeError):
-    """A read-ahead fetch given up because its reader stopped (never transient: no retry follows)."""
 
 
 def _attempt(fn: Callable[..., bytes], *args: Any) -> Any:

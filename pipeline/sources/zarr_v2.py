@@ -143,6 +143,19 @@ class ArrayReader:
             self._place(name, spec, (k, *rest), out, (0, *(j * c for j, c in zip(rest, chunks[1:]))))
         return out[i - first]
 
+    def row_keys(self, name: str, i: int) -> list[str]:
+        """The store keys of the chunks `read_row` reads for row ``i`` (what a caller may fetch ahead)."""
+        spec = self._checked(name)
+        shape, chunks = spec["shape"], spec["chunks"]
+        if not shape or not -shape[0] <= i < shape[0]:
+            raise IndexError(f"{name}: row {i} of shape {shape}")
+        grid = [range(math.ceil(s / c)) if c else range(1) for s, c in zip(shape[1:], chunks[1:])]
+        return [self._key(name, spec, ((i % shape[0]) // chunks[0], *rest)) for rest in itertools.product(*grid)]
+
+    @staticmethod
+    def _key(name: str, spec: dict[str, Any], index: tuple[int, ...]) -> str:
+        return f"{name}/{spec['sep'].join(str(i) for i in index) if index else '0'}"
+
     def _checked(self, name: str) -> dict[str, Any]:
         if name not in self._specs:
             raise KeyError(name)
@@ -154,7 +167,7 @@ class ArrayReader:
         coordinates), cut at ``out``'s edges; straight into ``out`` where the chunk is one contiguous block of it
         (a chunk per location, or per time step): no intermediate buffer, ~2x faster for a 7 MB chunk."""
         chunks, dtype, codec = spec["chunks"], spec["dtype"], spec["codec"]
-        key = f"{name}/{spec['sep'].join(str(i) for i in index) if index else '0'}"
+        key = self._key(name, spec, index)
         raw = self.entries.get(key)
         if raw is None:
             raise Unsupported(f"{name}: chunk {key} is missing (the fill value would stand in)")

@@ -242,3 +242,79 @@ def test_a_file_on_s3_is_read_directly_through_its_ranged_reads(archive, s3_buck
     finally:
         cubes.close()
         expected.close()
+
+
+# -- reading ahead on an object store ---------------------------------------------------------------------------------
+
+
+def _flip_a_byte_of(path: Path, key: str) -> None:
+    """Change one byte inside entry ``key``'s data, leaving the zip's directory (and its CRC-32) as it was."""
+    import struct
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(key)
+    data = bytearray(path.read_bytes())
+    header = struct.unpack(zipfile.structFileHeader, data[info.header_offset:info.header_offset + zipfile.sizeFileHeader])
+    at = info.header_offset + zipfile.sizeFileHeader + header[10] + header[11] + info.compress_size // 2
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def on_s3(tmp_path, s3_bucket) -> tuple[Path, str]:
+    """An archive with one damaged chunk (a flipped byte: the zip's CRC-32 no longer matches), locally and on S3."""
+    root = tmp_path / "archive"
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 2}, samples_per_file=3, size=18, seed=15)
+    _flip_a_byte_of(_files(root, "S2L1C")[1], "bands/2.0.0.0.0")
+    fresh_s3fs().put(str(root), f"{s3_bucket}/archive", recursive=True)
+    return root, f"{s3_bucket}/archive"
+
+
+def test_reading_ahead_on_s3_gives_the_local_samples_and_rejections(on_s3, monkeypatch):
+    root, url = on_s3
+    local = _read(root)
+    lost = [k for k, reason, _ in local[1]]
+    assert len(local[0]) == 2 * 3 * 4 - 4 and len(lost) == 4 and {r for _, r, _ in local[1]} == {"unreadable"}
+    assert all("Bad CRC-32 for file 'bands/2.0.0.0.0'" in detail for _, _, detail in local[1])
+    fetched = []
+    submit = ssl4eo_zarr._ChunkReadAhead.submit
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "submit",
+                        lambda self, path, info: fetched.append(info.filename) or submit(self, path, info))
+    for depth in (4, 1, 0):
+        fetched.clear()
+        assert _read(url, read_ahead=depth) == local, depth  # the damaged chunk fails its CRC check there too
+        # every location's S1 and S2 chunk fetched ahead (each file pair's 3 locations), none without read-ahead
+        assert sorted(fetched) == ([] if depth == 0 else sorted([f"bands/{i}.0.0.0.0" for i in range(3)] * 4)), depth
+
+
+def test_a_reader_stopped_during_an_outage_leaves_no_fetch_behind(tmp_path, s3_bucket, store_proxy, monkeypatch):
+    """Chunks fetched ahead and retrying through an outage give up once their reader is closed (a shard task that
+    failed downstream), well within the retry window, instead of holding the process until the window ends."""
+    import threading
+    import time
+
+    import s3fs
+
+    from pipeline.storage import set_retry_window
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # no retries below ours
+    set_retry_window(900)
+    root = tmp_path / "archive"
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=6, size=18, seed=16)
+    fresh_s3fs().put(str(root), f"{s3_bucket}/archive", recursive=True)
+    reader = SOURCES["ssl4eo-zarr"](f"{s3_bucket}/archive", SourceOptions(
+        read_ahead=2, storage_options={"skip_instance_cache": True, "endpoint_url": store_proxy.url,
+                                       "config_kwargs": {"retries": {"max_attempts": 1}}}))
+    items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    fetchers = lambda: [t for t in threading.enumerate() if t.name.startswith("chunk-fetch")]  # noqa: E731
+    before = set(fetchers())
+    store_proxy.latency(1.0)  # every request takes a second: the next location's fetch is still in flight
+    results = reader.read(list(items), "train")
+    assert isinstance(next(results), Sample)  # the first location is in, the third one's chunks are on their way
+    store_proxy.outage(600)  # their connections cut, new ones refused: they retry (for up to 900 s)
+    assert set(fetchers()) - before
+    results.close()
+    deadline = time.monotonic() + 60
+    while set(fetchers()) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(fetchers()) - before
