@@ -202,8 +202,10 @@ class _Cubes:
             return
         try:
             keys = self._reader.row_keys("bands", i)
-        except IndexError:  # a location the file does not hold: `location` says so when it comes
-            return
+        except StorageUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - a location the file does not hold, damaged metadata: best effort only,
+            return  # `location` says what is wrong when it comes
         for key in keys:
             try:
                 info = self._zip.getinfo(key)
@@ -211,6 +213,19 @@ class _Cubes:
                 continue
             if _ChunkReadAhead.can_fetch(info) and key not in self._entries.ahead:
                 self._entries.ahead[key] = ahead.submit(self.path, info)
+
+    def drop_ahead(self, i: int) -> None:
+        """Cancel and forget what was fetched ahead for location ``i`` (its partner's chunk failed: never read)."""
+        if self._reader is None or self._entries is None:
+            return
+        try:
+            keys = self._reader.row_keys("bands", i)
+        except Exception:  # noqa: BLE001 - nothing was fetched for it then
+            return
+        for key in keys:
+            fetched = self._entries.ahead.pop(key, None)
+            if fetched is not None:
+                fetched.cancel()
 
     def band_names(self) -> Optional[list[Any]]:
         """The stored band names, None without a ``band`` coordinate."""
@@ -294,33 +309,39 @@ class _ChunkReadAhead:
 
     @staticmethod
     def can_fetch(info: zipfile.ZipInfo) -> bool:
-        """Stored or deflated, not encrypted: what this class reads; zipfile reads anything else when it comes."""
-        return info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not info.flag_bits & 0x1
+        """Stored, not encrypted (how zarr's ZipStore and the release write chunks, already compressed): what this
+        class reads; zipfile reads anything else when it comes."""
+        return info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & (0x1 | 0x20 | 0x40)
 
     def submit(self, path: str, info: zipfile.ZipInfo) -> Future:
         return self.pool.submit(self._entry, path, info)
 
     def _entry(self, path: str, info: zipfile.ZipInfo) -> bytes:
-        name = info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        """The bytes of stored entry ``info``, judged as zipfile judges them when it reads the entry itself (its
+        checks and its words), so that a damaged entry is rejected alike with read-ahead and without."""
         start = info.header_offset
+        name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
         size = zipfile.sizeFileHeader + len(name) + len(info.extra) + info.compress_size + self.SLACK
         buf = self._range(path, start, start + size)
         if len(buf) < zipfile.sizeFileHeader:
-            raise zipfile.BadZipFile(f"{info.filename}: truncated local header")
+            raise zipfile.BadZipFile("Truncated file header")
         header = struct.unpack(zipfile.structFileHeader, buf[:zipfile.sizeFileHeader])
         if header[0] != zipfile.stringFileHeader:
-            raise zipfile.BadZipFile(f"{info.filename}: bad magic number for its local header")
-        data_at = zipfile.sizeFileHeader + header[10] + header[11]  # + file name length + extra field length
+            raise zipfile.BadZipFile("Bad magic number for file header")
+        name_end = zipfile.sizeFileHeader + header[10]  # + file name length
+        data_at = name_end + header[11]  # + extra field length
         end = data_at + info.compress_size
         if end > len(buf):
             buf += self._range(path, start + len(buf), start + end)
-        if end > len(buf):
-            raise zipfile.BadZipFile(f"{info.filename}: truncated ({len(buf) - data_at} of {info.compress_size} bytes)")
+        local_name = bytes(buf[zipfile.sizeFileHeader:name_end])
+        if local_name.decode("utf-8" if header[3] & 0x800 else "cp437", "replace") != info.orig_filename:
+            raise zipfile.BadZipFile(f"File name in directory {info.orig_filename!r} and header {local_name!r} differ.")
         data = buf[data_at:end]
-        raw = zlib.decompress(data, -15) if info.compress_type == zipfile.ZIP_DEFLATED else data
-        if zlib.crc32(raw) != info.CRC:
-            raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
-        return raw
+        if len(data) != info.file_size:
+            raise EOFError  # as zipfile's read of a stored entry cut short
+        if zlib.crc32(data) != info.CRC:
+            raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.orig_filename!r}")
+        return data
 
     def _range(self, path: str, start: int, end: int) -> bytes:
         def cat_file(path: str, start: int, end: int) -> bytes:
@@ -603,6 +624,8 @@ class SSL4EOZarr(Source):
                 # views where the stored order is ours: the samples share the location's arrays, never changed
                 s1, s2 = in_order(s1[it.refs["t1"]], order1), in_order(s2[it.refs["t2"]], order2)
             except LocationUnreadable as err:  # a corrupt chunk loses this location's samples only
+                cubes1.drop_ahead(it.refs["i1"])  # the other chunk of a pair whose first failed is never read
+                cubes2.drop_ahead(it.refs["i2"])
                 yield Rejection(self.url(err.path), it.sample_id, UNREADABLE, str(err), it.key, it.time_index)
                 continue
             except StorageUnavailable:

@@ -276,15 +276,21 @@ def test_reading_ahead_on_s3_gives_the_local_samples_and_rejections(on_s3, monke
     lost = [k for k, reason, _ in local[1]]
     assert len(local[0]) == 2 * 3 * 4 - 4 and len(lost) == 4 and {r for _, r, _ in local[1]} == {"unreadable"}
     assert all("Bad CRC-32 for file 'bands/2.0.0.0.0'" in detail for _, _, detail in local[1])
-    fetched = []
-    submit = ssl4eo_zarr._ChunkReadAhead.submit
+    fetched, read_by_zipfile = [], []
+    submit, zip_read = ssl4eo_zarr._ChunkReadAhead.submit, zipfile.ZipFile.read
     monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "submit",
                         lambda self, path, info: fetched.append(info.filename) or submit(self, path, info))
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: (
+        read_by_zipfile.append(name) if name.startswith("bands/") else None) or zip_read(self, name, *a))
     for depth in (4, 1, 0):
         fetched.clear()
+        read_by_zipfile.clear()
         assert _read(url, read_ahead=depth) == local, depth  # the damaged chunk fails its CRC check there too
         # every location's S1 and S2 chunk fetched ahead (each file pair's 3 locations), none without read-ahead
         assert sorted(fetched) == ([] if depth == 0 else sorted([f"bands/{i}.0.0.0.0" for i in range(3)] * 4)), depth
+        # and those fetched are the ones used: zipfile reads only what the damaged location's later items read
+        # again, or, without read-ahead, every chunk
+        assert set(read_by_zipfile) == ({"bands/2.0.0.0.0"} if depth else {f"bands/{i}.0.0.0.0" for i in range(3)})
 
 
 def test_a_reader_stopped_during_an_outage_leaves_no_fetch_behind(tmp_path, s3_bucket, store_proxy, monkeypatch):
@@ -312,9 +318,40 @@ def test_a_reader_stopped_during_an_outage_leaves_no_fetch_behind(tmp_path, s3_b
     results = reader.read(list(items), "train")
     assert isinstance(next(results), Sample)  # the first location is in, the third one's chunks are on their way
     store_proxy.outage(600)  # their connections cut, new ones refused: they retry (for up to 900 s)
-    assert set(fetchers()) - before
     results.close()
     deadline = time.monotonic() + 60
     while set(fetchers()) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not set(fetchers()) - before
+
+
+def test_an_outage_past_the_window_during_read_ahead_stops_the_reader(tmp_path, s3_bucket, store_proxy, monkeypatch):
+    """A chunk fetched ahead through an outage longer than the retry window stops the reader with
+    `StorageUnavailable` (the job stops, exit 3), never a quarantine; and its threads end."""
+    import threading
+    import time
+
+    import s3fs
+
+    from pipeline.storage import RETRY_WINDOW_ENV, StorageUnavailable
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    monkeypatch.setenv(RETRY_WINDOW_ENV, "3")
+    root = tmp_path / "archive"
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=6, size=18, seed=17)
+    fresh_s3fs().put(str(root), f"{s3_bucket}/archive", recursive=True)
+    reader = SOURCES["ssl4eo-zarr"](f"{s3_bucket}/archive", SourceOptions(
+        read_ahead=2, storage_options={"skip_instance_cache": True, "endpoint_url": store_proxy.url,
+                                       "config_kwargs": {"retries": {"max_attempts": 1}}}))
+    items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    store_proxy.latency(0.5)
+    results = reader.read(list(items), "train")
+    got = [next(results)]
+    store_proxy.outage(600)
+    with pytest.raises(StorageUnavailable, match="storage unreachable"):
+        got.extend(results)
+    assert all(isinstance(r, Sample) for r in got)  # nothing quarantined on the way
+    deadline = time.monotonic() + 30
+    while any(t.name.startswith("chunk-fetch") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("chunk-fetch")]
