@@ -135,7 +135,12 @@ def is_transient(err: BaseException) -> bool:
         s in text
         for s in ("timeout", "timed out", "connection", "throttl", "slowdown", "slow down", "503", "500", "502",
                   "504", "internal error", "service unavailable", "bad gateway", "reset by peer", "temporarily",
-                  "server disconnected", "broken pipe", "endpoint url", "could not connect")
+                  "server disconnected", "broken pipe", "endpoint url", "could not connect",
+                  # a response cut in the middle of its body (aiohttp's ClientPayloadError "Response payload is
+                  # not completed", botocore's ResponseStreamingError / IncompleteReadError, http.client's
+                  # IncompleteRead): the transfer failed, not the object
+                  "payload is not completed", "not enough data to satisfy content length", "incompleteread",
+                  "responsestreamingerror")
     )
 
 

@@ -1,8 +1,16 @@
-"""Storage options reach s3fs as given, with botocore's own retries bounded unless the user sets them."""
+"""Storage options reach s3fs as given, with botocore's own retries bounded unless the user sets them; the errors
+of a transfer cut short are transient, those of the content are not."""
 
 from __future__ import annotations
 
-from pipeline.storage import url_to_fs
+import http.client
+import zipfile
+
+import aiohttp
+import botocore.exceptions
+import pytest
+
+from pipeline.storage import is_transient, url_to_fs
 
 
 def test_s3_calls_get_bounded_botocore_retries_unless_the_user_sets_them():
@@ -14,3 +22,18 @@ def test_s3_calls_get_bounded_botocore_retries_unless_the_user_sets_them():
     assert fs.config_kwargs == {"retries": {"mode": "adaptive", "max_attempts": 10}}
     fs, _ = url_to_fs("memory://set")  # other stores get nothing they do not take
     assert not hasattr(fs, "config_kwargs")
+
+
+@pytest.mark.parametrize("error, transient", [
+    # what s3fs raised when the fault proxy cut a 200 MB ranged GET 0.3 s into its body (moto on loopback)
+    (aiohttp.ClientPayloadError("Response payload is not completed: <ContentLengthError: 400, message='Not enough "
+                                "data to satisfy content length header (received 95710796 of 209715200 bytes).'>"),
+     True),
+    (botocore.exceptions.ResponseStreamingError(error="Connection broken"), True),
+    (botocore.exceptions.IncompleteReadError(actual_bytes=10, expected_bytes=20), True),
+    (http.client.IncompleteRead(b"ab", 10), True),
+    (zipfile.BadZipFile("Bad CRC-32 for file 'bands/1.0.0.0.0'"), False),  # the object itself: skip and count
+    (EOFError(), False),
+])
+def test_a_transfer_cut_short_is_transient_and_damaged_content_is_not(error, transient):
+    assert is_transient(error) is transient

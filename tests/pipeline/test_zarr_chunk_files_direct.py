@@ -293,65 +293,58 @@ def test_reading_ahead_on_s3_gives_the_local_samples_and_rejections(on_s3, monke
         assert set(read_by_zipfile) == ({"bands/2.0.0.0.0"} if depth else {f"bands/{i}.0.0.0.0" for i in range(3)})
 
 
-def test_a_reader_stopped_during_an_outage_leaves_no_fetch_behind(tmp_path, s3_bucket, store_proxy, monkeypatch):
-    """Chunks fetched ahead and retrying through an outage give up once their reader is closed (a shard task that
-    failed downstream), well within the retry window, instead of holding the process until the window ends."""
-    import threading
-    import time
-
+def _through_the_proxy(tmp_path, s3_bucket, store_proxy, monkeypatch, window_s: float, seed: int):
+    """(reader, items) of a 6-location archive on S3 read through the fault proxy: read-ahead 2, no retries below
+    ours (botocore's, s3fs's), the retry window ``window_s``."""
     import s3fs
 
-    from pipeline.storage import set_retry_window
+    from pipeline.storage import RETRY_WINDOW_ENV
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # no retries below ours
-    set_retry_window(900)
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    monkeypatch.setenv(RETRY_WINDOW_ENV, repr(float(window_s)))
     root = tmp_path / "archive"
-    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=6, size=18, seed=16)
+    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=6, size=18, seed=seed)
     fresh_s3fs().put(str(root), f"{s3_bucket}/archive", recursive=True)
     reader = SOURCES["ssl4eo-zarr"](f"{s3_bucket}/archive", SourceOptions(
         read_ahead=2, storage_options={"skip_instance_cache": True, "endpoint_url": store_proxy.url,
                                        "config_kwargs": {"retries": {"max_attempts": 1}}}))
     items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
-    fetchers = lambda: [t for t in threading.enumerate() if t.name.startswith("chunk-fetch")]  # noqa: E731
-    before = set(fetchers())
+    return reader, items
+
+
+def _fetch_threads_end(within_s: float) -> bool:
+    import threading
+    import time
+
+    deadline = time.monotonic() + within_s
+    while any(t.name.startswith("chunk-fetch") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(t.name.startswith("chunk-fetch") for t in threading.enumerate())
+
+
+def test_a_reader_stopped_during_an_outage_leaves_no_fetch_behind(tmp_path, s3_bucket, store_proxy, monkeypatch):
+    """Chunks fetched ahead and retrying through an outage give up once their reader is closed (a shard task that
+    failed downstream), well within the retry window, instead of holding the process until the window ends."""
+    reader, items = _through_the_proxy(tmp_path, s3_bucket, store_proxy, monkeypatch, window_s=900, seed=16)
     store_proxy.latency(1.0)  # every request takes a second: the next location's fetch is still in flight
     results = reader.read(list(items), "train")
     assert isinstance(next(results), Sample)  # the first location is in, the third one's chunks are on their way
     store_proxy.outage(600)  # their connections cut, new ones refused: they retry (for up to 900 s)
     results.close()
-    deadline = time.monotonic() + 60
-    while set(fetchers()) - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not set(fetchers()) - before
+    assert _fetch_threads_end(within_s=60)
 
 
 def test_an_outage_past_the_window_during_read_ahead_stops_the_reader(tmp_path, s3_bucket, store_proxy, monkeypatch):
     """A chunk fetched ahead through an outage longer than the retry window stops the reader with
     `StorageUnavailable` (the job stops, exit 3), never a quarantine; and its threads end."""
-    import threading
-    import time
+    from pipeline.storage import StorageUnavailable
 
-    import s3fs
-
-    from pipeline.storage import RETRY_WINDOW_ENV, StorageUnavailable
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
-    monkeypatch.setenv(RETRY_WINDOW_ENV, "3")
-    root = tmp_path / "archive"
-    synthetic.make_ssl4eo_zarr(root, splits={"train": 1}, samples_per_file=6, size=18, seed=17)
-    fresh_s3fs().put(str(root), f"{s3_bucket}/archive", recursive=True)
-    reader = SOURCES["ssl4eo-zarr"](f"{s3_bucket}/archive", SourceOptions(
-        read_ahead=2, storage_options={"skip_instance_cache": True, "endpoint_url": store_proxy.url,
-                                       "config_kwargs": {"retries": {"max_attempts": 1}}}))
-    items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+    reader, items = _through_the_proxy(tmp_path, s3_bucket, store_proxy, monkeypatch, window_s=3, seed=17)
     store_proxy.latency(0.5)
     results = reader.read(list(items), "train")
     got = [next(results)]
     store_proxy.outage(600)
     with pytest.raises(StorageUnavailable, match="storage unreachable"):
         got.extend(results)
-    assert all(isinstance(r, Sample) for r in got)  # nothing quarantined on the way
-    deadline = time.monotonic() + 30
-    while any(t.name.startswith("chunk-fetch") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("chunk-fetch")]
+    assert [r.to_dict() for r in got if not isinstance(r, Sample)] == []  # nothing quarantined on the way
+    assert _fetch_threads_end(within_s=30)
