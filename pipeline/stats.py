@@ -126,19 +126,24 @@ class IntegerSums:
     """Exact per-band count, sum and sum of squares of integer images over the pixels that are not ``nodata``.
 
     One compiled pass per band (`integer_band_sums`) adds each pixel, its square and whether it is no-data into
-    int64 accumulators: exact while a band's sum of squares fits in int64, which holds for 16-bit values on up
-    to 2^31 pixels a call (46,000 x 46,000); larger bands are summed in pieces of that size. A no-data pixel is
-    counted out by its value instead of a mask.
+    int64 accumulators, which are folded into Python integers (``count``, ``total``, ``squares``) before a band's
+    sum of squares could leave int64: for 16-bit values after 2^31 pixels a band (46,000 x 46,000), so a shard's
+    samples are added with no per-sample Python work beyond the call. A no-data pixel is counted out by its value
+    instead of a mask.
     """
 
     PIECE = 2**31
-    """Pixels of a band summed in one call: n * 65535^2 < 2^63."""
+    """Pixels of a band the int64 accumulators take before a fold: n * 65535^2 < 2^63."""
 
     def __init__(self, bands: int, nodata: int):
         self.nodata = int(nodata)
-        self.count = [0] * bands
-        self.total = [0] * bands
-        self.squares = [0] * bands
+        self._count = [0] * bands
+        self._total = [0] * bands
+        self._squares = [0] * bands
+        self._acc = np.zeros((bands, 3), np.int64)
+        """Per band, since the last fold: sum, sum of squares, pixels equal to ``nodata``."""
+        self._pixels = 0
+        """Pixels a band added to ``_acc`` since the last fold."""
 
     @staticmethod
     def supports(x: np.ndarray) -> bool:
@@ -149,20 +154,46 @@ class IntegerSums:
         """Add ``x`` (C, H, W), an array that `supports` takes."""
         if not self.supports(x):
             raise TypeError(f"IntegerSums takes integers of at most 16 bits, got {x.dtype}")
-        c = x.shape[0]
+        c = self._acc.shape[0]
+        if x.ndim < 2 or x.shape[0] != c:  # the compiled kernel does not check its bounds
+            raise ValueError(f"IntegerSums of {c} bands takes (C, ...) arrays with C = {c}, got shape {x.shape}")
         flat = np.ascontiguousarray(x.reshape(c, -1)).astype(x.dtype.newbyteorder("="), copy=False)
         info = np.iinfo(flat.dtype)
-        nodata = self.nodata if info.min <= self.nodata <= info.max else None  # else: no pixel can hold it
-        out = np.zeros((c, 3), np.int64)
+        # a no-data value the type cannot hold matches no pixel: one past its range says so within int64
+        nodata = self.nodata if info.min <= self.nodata <= info.max else info.max + 1
         for start in range(0, max(flat.shape[1], 1), self.PIECE):
             piece = flat[:, start:start + self.PIECE]
-            integer_band_sums()(piece, 0 if nodata is None else nodata, out)
-            for i in range(c):
-                pixels, total, squares = piece.shape[1], int(out[i, 0]), int(out[i, 1])
-                nodata_pixels = 0 if nodata is None else int(out[i, 2])
-                self.count[i] += pixels - nodata_pixels
-                self.total[i] += total - self.nodata * nodata_pixels
-                self.squares[i] += squares - self.nodata * self.nodata * nodata_pixels
+            if self._pixels + piece.shape[1] > self.PIECE:
+                self._fold()
+            integer_band_sums()(piece, nodata, self._acc)
+            self._pixels += piece.shape[1]
+
+    def _fold(self) -> None:
+        """Move the int64 accumulators into the Python integers, no-data pixels counted out."""
+        for i, (total, squares, hits) in enumerate(self._acc.tolist()):
+            self._count[i] += self._pixels - hits
+            self._total[i] += total - self.nodata * hits
+            self._squares[i] += squares - self.nodata * self.nodata * hits
+        self._acc[:] = 0
+        self._pixels = 0
+
+    @property
+    def count(self) -> list[int]:
+        """Valid pixels a band."""
+        self._fold()
+        return self._count
+
+    @property
+    def total(self) -> list[int]:
+        """Sum of the valid pixels a band."""
+        self._fold()
+        return self._total
+
+    @property
+    def squares(self) -> list[int]:
+        """Sum of the squares of the valid pixels a band."""
+        self._fold()
+        return self._squares
 
     def moments(self) -> BandMoments:
         return BandMoments.exact(self.count, self.total, self.squares)
@@ -272,7 +303,7 @@ def half_band_histogram() -> Callable[[np.ndarray, np.ndarray], None]:
 @functools.cache
 def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
     """The compiled kernel ``f(x, nodata, out)``: for each band ``i`` of ``x`` (C, N) of 16-bit integers,
-    ``out[i] = (sum of x[i], sum of x[i]**2, count of x[i] == nodata)`` in int64.
+    ``out[i] += (sum of x[i], sum of x[i]**2, count of x[i] == nodata)`` in int64.
 
     numba (LLVM) turns the loop into vector code: one read of the stored integers, nothing written but the
     (C, 3) result, about 8x faster than numpy's float64 copy, sum and dot product a band. Compiled on first use
@@ -288,8 +319,38 @@ def integer_band_sums() -> Callable[[np.ndarray, int, np.ndarray], None]:
                 total += v
                 squares += v * v
                 hits += v == nodata
-            out[i, 0] = total
-            out[i, 1] = squares
-            out[i, 2] = hits
+            out[i, 0] += total
+            out[i, 1] += squares
+            out[i, 2] += hits
 
     return _compiled(band_sums)
+
+
+@functools.cache
+def half_nonfinite_count() -> Callable[[np.ndarray], int]:
+    """The compiled kernel ``f(bits)``: how many of ``bits`` (1-D uint16, float16 patterns in native order) are NaN or
+    an infinity (every exponent bit set, IEEE 754 binary16). One vectorised pass, no temporary array: ~3x faster than
+    numpy's mask, comparison and count over a sample's S1. Compiled on first use (`_compiled`)."""
+
+    def nonfinite(bits):  # pragma: no cover - compiled; the Python body is the specification
+        n = 0
+        for j in range(bits.shape[0]):
+            n += (bits[j] & 0x7C00) == 0x7C00
+        return n
+
+    return _compiled(nonfinite)
+
+
+@functools.cache
+def first_other_than() -> Callable[[np.ndarray, Any], int]:
+    """The compiled kernel ``f(x, value)``: the index of the first element of ``x`` (1-D) that is not ``value``, or -1.
+    It stops there: a sample's "has it any valid pixel" costs its first pixel, where a mask costs every one (the
+    whole scan remains for an image of no-data only, which is rejected). Compiled on first use (`_compiled`)."""
+
+    def first(x, value):  # pragma: no cover - compiled; the Python body is the specification
+        for j in range(x.shape[0]):
+            if x[j] != value:
+                return j
+        return -1
+
+    return _compiled(first)

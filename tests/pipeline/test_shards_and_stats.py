@@ -99,6 +99,11 @@ def test_integer_sums_take_16_bit_integers_only():
     # wider integers or floats go through BandMoments.of (float64 with a mask)
     assert IntegerSums.supports(np.zeros(1, np.uint16)) and IntegerSums.supports(np.zeros(1, np.int16))
     assert not IntegerSums.supports(np.zeros(1, np.int32)) and not IntegerSums.supports(np.zeros(1, np.float32))
+    for shape in ((3, 2, 2), (4,)):  # more bands than the sums have, or no band axis: refused, nothing counted
+        sums = IntegerSums(1, 0)
+        with pytest.raises(ValueError, match=r"C = 1, got shape"):
+            sums.add(np.ones(shape, np.uint16))
+        assert (sums.count, sums.total, sums.squares) == ([0], [0], [0])
 
 
 def test_shard_writer_is_deterministic_and_readable_by_plain_webdataset(tmp_path):
@@ -213,13 +218,14 @@ def test_iter_samples_reads_only_the_requested_members(tmp_path):
 
 @pytest.mark.parametrize("background", [True, False], ids=["writer-thread", "calling-thread"])
 def test_shard_writer_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path, background):
-    # The writer makes its headers with tarfile and writes the arrays straight from memory; the format is still
-    # exactly what webdataset's own writer makes of the same members, long (pax) keys included, whether the
-    # bytes are hashed and written on the writer's thread (the default) or in the caller's.
+    # The writer makes its headers from a template (tarfile's where it writes a pax header) and writes the arrays
+    # straight from memory; the format is still exactly what webdataset's own writer makes of the same members,
+    # names of 100 bytes (the last a ustar block holds) and of 101 and more (pax) included, whether the bytes are
+    # hashed and written on the writer's thread (the default) or in the caller's.
     rng = np.random.default_rng(2)
-    samples = [Sample(make_key("k" * [5, 60, 130][i % 3], f"t{i}"), rng.normal(size=(2, 8, 9)).astype(np.float16),
+    samples = [Sample(make_key("k" * [5, 60, 130, 90, 92][i % 5], f"t{i}"), rng.normal(size=(2, 8, 9)).astype(np.float16),
                       rng.integers(0, 9000, (3, 8, 9)).astype(np.uint16), {"i": i, "label_vector": [i % 2, 1]})
-               for i in range(7)]
+               for i in range(10)]
     samples.append(Sample("big", rng.normal(size=(2, 264, 264)).astype(np.float16),  # hashed outside the GIL
                           rng.integers(0, 9000, (3, 264, 264)).astype(np.uint16), {"i": 7}))
     with ShardWriter(str(tmp_path / "ours.tar"), background=background, pending=2) as w:
@@ -233,6 +239,7 @@ def test_shard_writer_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path, b
     ours = (tmp_path / "ours.tar").read_bytes()
     assert ours == reference.getvalue() and w.bytes == len(ours) and w.sha256 == hashlib.sha256(ours).hexdigest()
     assert len(samples[2].key) > 100  # a pax header: the offsets recorded still point at each sample's first header
+    assert len(f"{samples[4].key}.json") == 100 and len(f"{samples[4].key}.s1.npy") == 102  # ustar, then pax
     with tarfile.open(tmp_path / "ours.tar") as tar:
         firsts = [m.offset for m in tar.getmembers() if m.name.endswith(".json")]
     assert [off for _, off, _ in w.rows] == firsts
@@ -403,6 +410,23 @@ def test_count_finite_agrees_with_numpy_on_every_half_precision_value(dtype):
     for x in (every, every.reshape(256, 256)[:, ::3], every.reshape(2, 128, 256)[:, 1:, :]):
         assert count_finite(x) == np.count_nonzero(np.isfinite(x))
     assert count_finite(every) == 2**16 - 2 * 2**10  # exponent all ones: 2 x 1024 infinities and NaNs
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", ">u2", "u1", "<i4", "<f4"])
+def test_any_other_than_agrees_with_numpy(dtype):
+    # The compiled scan stops at the first pixel other than the value: it must say what (x != value).any() says
+    # wherever that pixel is (first, last, none), for either byte order, strided views and values the type cannot hold.
+    from pipeline.sources.base import any_other_than
+
+    for value in (0, -1000, 7, 70000):
+        x = np.full((3, 6, 5), value if np.can_cast(np.min_scalar_type(value), np.dtype(dtype)) else 0, dtype)
+        cases = [x, x[:, ::2, 1:], x[:0]]
+        for where in ((0, 0, 0), (2, 5, 4), (1, 3, 2)):
+            y = x.copy()
+            y[where] = 1 if value != 1 else 2
+            cases += [y, y[:, ::-1], y[::2, 1::2]]
+        for case in cases:
+            assert any_other_than(case, value) == bool((case != value).any()), (case.shape, value)
 
 
 def test_integer_sums_work_where_numba_cannot_write_its_cache(tmp_path):
