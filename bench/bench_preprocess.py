@@ -5,11 +5,12 @@ Generates a synthetic archive in a published layout at the real tile size
 
 1. the floor: the source's own ``plan`` and ``read`` in this process, samples
    decoded and discarded (no encoding, hashing, statistics, tar or Ray);
-2. the shard tasks: `pipeline.workers.build_shard` over the job's shards in this
-   process (what one worker does, without Ray), after a warm-up task for the imports;
-   also with each shard deleted once built (its page-cache pages reused by the next:
-   a long job's steady state), with the hash and write in the calling thread, and with
-   the tar discarded;
+2. the shard tasks: `pipeline.workers.build_shard` over shards of the job's default
+   size (512 MiB) in this process (what one worker does, without Ray), after a
+   warm-up task for the imports; also with each shard deleted once built (its
+   page-cache pages reused by the next: a long job's steady state), the same without
+   the sha256 (what the manifest's hash costs), with the hash and write in the
+   calling thread, and with the tar discarded;
 3. ``python -m pipeline.preprocess`` as a subprocess with ``--workers 1``, output
    to a local temporary folder;
 4. the same with ``--workers 2`` (more with ``--workers 1 2 4``), and the scaling;
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import S3_ENV, hardware, load_average, moto_server, print_header, s3_bucket, write_json  # noqa: E402
+from pipeline.job import PreprocessSettings  # noqa: E402
 from pipeline.sources import SOURCES, Rejection, SourceOptions  # noqa: E402
 from pipeline.synthetic import make_ssl4eo_tiff, make_ssl4eo_wds, make_ssl4eo_zarr  # noqa: E402
 
@@ -98,7 +100,8 @@ def serial_map(fn, args):
 
 
 def read_floor(source: str, input_url: str, profile: int = 0) -> dict[str, Any]:
-    """Plan serially, then read every sample of 'train' in this process and discard it."""
+    """Plan serially, then read every sample of 'train' in this process and discard it, after reading the first one
+    untimed (imports, the checks' compiled kernels: what the shard tasks' warm-up task pays)."""
     from pipeline.workers import one_thread_per_worker
 
     one_thread_per_worker()  # decode as a shard task does
@@ -106,6 +109,8 @@ def read_floor(source: str, input_url: str, profile: int = 0) -> dict[str, Any]:
     start = time.perf_counter()
     items, rejects = src.plan("train", serial_map)
     plan_s = time.perf_counter() - start
+    for _ in src.read(items[:1], "train"):
+        pass
     profiler = cProfile.Profile() if profile else None
     samples = nbytes = rejected = 0
     cpu_start = time.process_time()  # every thread of this process: codecs may decode on threads
@@ -131,10 +136,29 @@ def read_floor(source: str, input_url: str, profile: int = 0) -> dict[str, Any]:
 # -- the shard tasks in this process -----------------------------------------------------------
 
 
-WRITERS = ("thread", "recycle", "calling", "discard")
+WRITERS = ("thread", "recycle", "unhashed", "calling", "discard")
 """How `shard_tasks` has the shard writer hash and write: on its thread (the job's way); the same with each shard
-deleted once built, so that the next one is written into the page-cache pages it freed; in the calling thread
-(``background=False``, the way before the thread); or on its thread into /dev/null (the tar discarded)."""
+deleted once built, so that the next one is written into the page-cache pages it freed; the same without the sha256
+(a comparison only: the manifest needs it); in the calling thread (``background=False``, the way before the thread);
+or on its thread into /dev/null (the tar discarded)."""
+
+WRITER_ROWS = {
+    "thread": "shard tasks (build_shard), one process, no Ray",
+    "recycle": "the same, each shard deleted once built (page-cache pages reused)",
+    "unhashed": "the same, each shard deleted once built, no sha256 (what the hash costs)",
+    "calling": "the same, sha256 + write in the calling thread",
+    "discard": "the same, tar discarded (/dev/null)",
+}
+
+
+class _NoHash:
+    """A hashlib stand-in that hashes nothing (the ``unhashed`` row)."""
+
+    def update(self, data: Any) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path, writer: str = "thread") -> dict[str, Any]:
@@ -145,13 +169,19 @@ def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path, writer:
     completes as usual): the worker's own work without the page-cache write of its output, which on a virtual
     machine costs several times more where the guest touches memory the host has not backed yet. ``recycle`` writes as
     the job does and deletes each shard once built: the next shard's page-cache pages are those it freed, as in a
-    long job once the page cache has filled the node's memory (or in one staging shards for an object store)."""
+    long job once the page cache has filled the node's memory (or in one staging shards for an object store).
+    ``unhashed`` is ``recycle`` without the sha256."""
     import functools
 
     from pipeline import workers
     from pipeline.job import SourceSpec
     from pipeline.plan import ShardTask, pack_shards
     from pipeline.shards import ShardWriter
+
+    class UnhashedWriter(ShardWriter):
+        def __init__(self, path: str, **kwargs: Any):
+            super().__init__(path, **kwargs)
+            self._sha = _NoHash()
 
     class DiscardingWriter(ShardWriter):
         def __init__(self, path: str, **kwargs: Any):
@@ -164,8 +194,8 @@ def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path, writer:
 
     def build_shard(*a):
         saved = workers.ShardWriter
-        workers.ShardWriter = (DiscardingWriter if writer == "discard"
-                               else functools.partial(ShardWriter, background=writer in ("thread", "recycle")))
+        workers.ShardWriter = (DiscardingWriter if writer == "discard" else UnhashedWriter if writer == "unhashed"
+                               else functools.partial(ShardWriter, background=writer != "calling"))
         try:
             return workers.build_shard(*a)
         finally:
@@ -184,7 +214,7 @@ def shard_tasks(source: str, input_url: str, shard_mb: float, out: Path, writer:
     for k, shard in enumerate(shards):
         samples += build_shard(spec, "train", ShardTask(k, f"train-{k:06d}.tar", shard, f"bench-{k}"), str(out),
                                {})["samples"]
-        if writer == "recycle":
+        if writer in ("recycle", "unhashed"):
             (out / f"train-{k:06d}.tar").unlink()
     seconds = time.perf_counter() - start
     return {"samples": samples, "seconds": seconds, "cores_busy": (time.process_time() - cpu_start) / seconds,
@@ -250,8 +280,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="job runs, one per value; scaling is against the first")
     parser.add_argument("--shard-size-mb", type=float, default=64.0,
-                        help="the job's --shard-size-mb; small enough for many more shards than workers, "
+                        help="the jobs' --shard-size-mb; small enough for many more shards than workers, "
                              "so that the last shard does not limit the scaling (the job's default is 512)")
+    parser.add_argument("--task-shard-size-mb", type=float, default=PreprocessSettings.shard_size_mb,
+                        help="shard size of the shard-task rows (default: the job's default, %(default)s): one "
+                             "worker's work as the job cuts it by default, a location split between two shards "
+                             "(read twice) and each task's start as rare as there")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of the floor and of each job (interleaved); the fastest is reported, "
                              "all go to --json")
@@ -288,14 +322,15 @@ def main() -> None:
         tries: dict[str, list[dict[str, Any]]] = {w: [] for w in WRITERS}
         for _ in range(args.repeat):
             for writer in WRITERS:
-                run = shard_tasks(args.source, input_url, args.shard_size_mb, work / "tasks", writer)
+                run = shard_tasks(args.source, input_url, args.task_shard_size_mb, work / "tasks", writer)
                 if run["samples"] != floor["samples"]:
                     sys.exit(f"the shard tasks wrote {run['samples']} samples, the floor read {floor['samples']}")
                 tries[writer].append(run)
                 shutil.rmtree(work / "tasks", ignore_errors=True)
-        tasks, recycled, unthreaded, discarded = (min(tries[w], key=lambda r: r["seconds"]) for w in WRITERS)
-        for run in (tasks, recycled, unthreaded, discarded):
+        best = {w: min(tries[w], key=lambda r: r["seconds"]) for w in WRITERS}
+        for run in best.values():
             run.update(rates(run["samples"], run["seconds"], bytes_per_sample))
+        tasks, recycled, unthreaded, discarded = best["thread"], best["recycle"], best["calling"], best["discard"]
 
         targets = [("local", None)]
         stack = contextlib.ExitStack()
@@ -346,6 +381,7 @@ def main() -> None:
         "source": args.source, "size_px": SIZE, "samples": floor["samples"], "locations": archive["locations"],
         "input_files": archive["files"], "archive_mb": round(archive["disk_bytes"] / 1e6, 1),
         "decoded_mb_per_sample": round(bytes_per_sample / 1e6, 3), "shard_size_mb": args.shard_size_mb,
+        "task_shard_size_mb": args.task_shard_size_mb, "task_shards": tasks["shards"],
         "shards": jobs[0]["shards"], "workers": args.workers, "s3": args.s3, "repeat": args.repeat,
         "generate_s": round(archive["generate_seconds"], 1), "input": "local disk (page cache warm)",
     }
@@ -357,19 +393,10 @@ def main() -> None:
     print(f"| floor: plan + read, one process | none | 1 | {floor['read_seconds']:.2f} | – "
           f"| {floor['samples_per_s']:.1f} | {floor['mb_per_s']:.0f} | {floor['samples_per_s']:.1f} "
           f"| {floor['mb_per_s']:.0f} | 1.00 | – | – |")
-    print(f"| shard tasks (build_shard), one process, no Ray | local | 1 | {tasks['seconds']:.2f} | – "
-          f"| {tasks['samples_per_s']:.1f} | {tasks['mb_per_s']:.0f} | {tasks['samples_per_s']:.1f} "
-          f"| {tasks['mb_per_s']:.0f} | {tasks['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
-    print(f"| the same, each shard deleted once built (page-cache pages reused) | local | 1 "
-          f"| {recycled['seconds']:.2f} | – | {recycled['samples_per_s']:.1f} | {recycled['mb_per_s']:.0f} "
-          f"| {recycled['samples_per_s']:.1f} | {recycled['mb_per_s']:.0f} "
-          f"| {recycled['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
-    print(f"| the same, sha256 + write in the calling thread | local | 1 | {unthreaded['seconds']:.2f} | – "
-          f"| {unthreaded['samples_per_s']:.1f} | {unthreaded['mb_per_s']:.0f} | {unthreaded['samples_per_s']:.1f} "
-          f"| {unthreaded['mb_per_s']:.0f} | {unthreaded['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
-    print(f"| the same, tar discarded (/dev/null) | none | 1 | {discarded['seconds']:.2f} | – "
-          f"| {discarded['samples_per_s']:.1f} | {discarded['mb_per_s']:.0f} | {discarded['samples_per_s']:.1f} "
-          f"| {discarded['mb_per_s']:.0f} | {discarded['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
+    for writer, run in best.items():
+        print(f"| {WRITER_ROWS[writer]} | {'none' if writer == 'discard' else 'local'} | 1 | {run['seconds']:.2f} | – "
+              f"| {run['samples_per_s']:.1f} | {run['mb_per_s']:.0f} | {run['samples_per_s']:.1f} "
+              f"| {run['mb_per_s']:.0f} | {run['samples_per_s'] / floor['samples_per_s']:.2f} | – | – |")
     dash = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for j in jobs:
         print(f"| preprocess | {j['target']} | {j['workers']} | {j['wall_seconds']:.2f} | {j['job_seconds']:.2f} "
@@ -386,18 +413,16 @@ def main() -> None:
           f"run.task_seconds, the shard tasks' own durations summed: what one busy worker sustains, Ray's "
           f"scheduling gaps left out and each worker's first-task start-up (imports, the statistics kernel) in."
           + (f" Each row is the fastest of {args.repeat} runs (all in --json)." if args.repeat > 1 else ""))
-    print(f"- shard tasks: what one worker does (read, check, statistics, tar, sha256, the progress record) on the "
-          f"job's {tasks['shards']} shards, in this process after a {tasks['warm_up_seconds']:.1f} s warm-up task "
-          f"(imports); {tasks['cores_busy']:.2f} cores busy (the sha256 and the file write run on the shard "
-          f"writer's thread), so per busy core / floor = "
-          f"{tasks['samples_per_s'] / floor['samples_per_s'] / tasks['cores_busy']:.2f}; with each shard deleted once "
-          f"built {recycled['cores_busy']:.2f} cores busy, "
-          f"{recycled['samples_per_s'] / floor['samples_per_s'] / recycled['cores_busy']:.2f} per busy core; "
-          f"in the calling thread "
-          f"{unthreaded['cores_busy']:.2f} cores busy, {unthreaded['samples_per_s'] / floor['samples_per_s'] / unthreaded['cores_busy']:.2f} per busy core; with the tar discarded "
-          f"{discarded['cores_busy']:.2f} cores busy, {discarded['samples_per_s'] / floor['samples_per_s'] / discarded['cores_busy']:.2f} per busy core. The job rows add Ray's "
-          f"start, its own processes "
-          f"(dashboard agent, log monitor, ...) sharing the cores, planning and the per-task hand-over.")
+    busy = "; ".join(f"{w} {r['cores_busy']:.2f} cores busy, "
+                     f"{r['samples_per_s'] / floor['samples_per_s'] / r['cores_busy']:.2f} per busy core"
+                     for w, r in best.items())
+    print(f"- shard tasks: what one worker does (read, check, statistics, tar, sha256, the progress record) on "
+          f"{tasks['shards']} shards of {args.task_shard_size_mb:g} MiB, in this process after a "
+          f"{tasks['warm_up_seconds']:.1f} s warm-up task (imports). The sha256 and the file write run on the shard "
+          f"writer's thread, so a worker keeps more than one core busy (CPU time of all threads / wall); per busy "
+          f"core / floor is per worker / floor over that, what a node with one worker per core would see: {busy}. "
+          f"The job rows add Ray's start, its own processes (dashboard agent, log monitor, ...) sharing the cores, "
+          f"planning and the per-task hand-over.")
     for j in jobs:
         plan = f"{j['plan_seconds']:.1f} s planning" if j["plan_seconds"] is not None else "planning not reported"
         print(f"- {j['target']}, {j['workers']} worker(s): {plan}; start-up and shutdown outside run.seconds "
@@ -418,8 +443,9 @@ def main() -> None:
         print("```\n" + profile.strip() + "\n```")
 
     write_json(args.json, {"setup": setup, "hardware": hw, "archive": archive, "floor": floor, "shard_tasks": tasks,
-                           "shard_tasks_shards_deleted": recycled, "shard_tasks_calling_thread": unthreaded,
-                           "shard_tasks_tar_discarded": discarded, "jobs": jobs})
+                           "shard_tasks_shards_deleted": recycled, "shard_tasks_unhashed": best["unhashed"],
+                           "shard_tasks_calling_thread": unthreaded, "shard_tasks_tar_discarded": discarded,
+                           "jobs": jobs})
 
 
 if __name__ == "__main__":
