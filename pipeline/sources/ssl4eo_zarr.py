@@ -37,10 +37,8 @@ chunks of the next ``read_ahead`` locations are fetched on threads (`_ChunkReadA
 from __future__ import annotations
 
 import re
-import struct
 import threading
 import zipfile
-import zlib
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +63,7 @@ from pipeline.sources.base import (
     pair_by_date,
 )
 from pipeline.sources.zarr_v2 import ArrayReader, Unsupported
+from pipeline.sources.zip_entries import is_stored, stored_entry
 from pipeline.storage import ReadAbandoned, RetryingFile, StorageUnavailable, is_local, retrying
 
 # Product folders as published: S1 GRD, and one per S2 processing level ("S2" + level).
@@ -307,41 +306,17 @@ class _ChunkReadAhead:
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(2 * depth, thread_name_prefix="chunk-fetch")
 
-    @staticmethod
-    def can_fetch(info: zipfile.ZipInfo) -> bool:
-        """Stored, not encrypted (how zarr's ZipStore and the release write chunks, already compressed): what this
-        class reads; zipfile reads anything else when it comes."""
-        return info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & (0x1 | 0x20 | 0x40)
+    can_fetch = staticmethod(is_stored)
+    """Stored, not encrypted (how zarr's ZipStore and the release write chunks, already compressed): what this
+    class reads; zipfile reads anything else when it comes."""
 
     def submit(self, path: str, info: zipfile.ZipInfo) -> Future:
         return self.pool.submit(self._entry, path, info)
 
     def _entry(self, path: str, info: zipfile.ZipInfo) -> bytes:
         """The bytes of stored entry ``info``, judged as zipfile judges them when it reads the entry itself (its
-        checks and its words), so that a damaged entry is rejected alike with read-ahead and without."""
-        start = info.header_offset
-        name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        size = zipfile.sizeFileHeader + len(name) + len(info.extra) + info.compress_size + self.SLACK
-        buf = self._range(path, start, start + size)
-        if len(buf) < zipfile.sizeFileHeader:
-            raise zipfile.BadZipFile("Truncated file header")
-        header = struct.unpack(zipfile.structFileHeader, buf[:zipfile.sizeFileHeader])
-        if header[0] != zipfile.stringFileHeader:
-            raise zipfile.BadZipFile("Bad magic number for file header")
-        name_end = zipfile.sizeFileHeader + header[10]  # + file name length
-        data_at = name_end + header[11]  # + extra field length
-        end = data_at + info.compress_size
-        if end > len(buf):
-            buf += self._range(path, start + len(buf), start + end)
-        local_name = bytes(buf[zipfile.sizeFileHeader:name_end])
-        if local_name.decode("utf-8" if header[3] & 0x800 else "cp437", "replace") != info.orig_filename:
-            raise zipfile.BadZipFile(f"File name in directory {info.orig_filename!r} and header {local_name!r} differ.")
-        data = buf[data_at:end]
-        if len(data) != info.file_size:
-            raise EOFError  # as zipfile's read of a stored entry cut short
-        if zlib.crc32(data) != info.CRC:
-            raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.orig_filename!r}")
-        return data
+        checks and its words: `stored_entry`), so that a damaged entry is rejected alike with read-ahead and without."""
+        return stored_entry(info, lambda start, end: self._range(path, start, end), self.SLACK)
 
     def _range(self, path: str, start: int, end: int) -> bytes:
         def cat_file(path: str, start: int, end: int) -> bytes:

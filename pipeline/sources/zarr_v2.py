@@ -49,12 +49,12 @@ class ArrayReader:
     Anything else raises `Unsupported` (or, for a damaged chunk, a ValueError naming it), so that xarray judges
     the store."""
 
-    def __init__(self, entries: Mapping[str, bytes], arrays: Optional[Collection[str]] = None):
+    def __init__(self, entries: Mapping[str, Any], arrays: Optional[Collection[str]] = None):
         """``arrays``: only these arrays are checked and can be read (those of them the store has), for a caller that
         reads nothing else of a large store; the checks are those xarray makes of the same arrays."""
         self.entries = entries
         try:
-            consolidated = json.loads(entries[".zmetadata"])
+            consolidated = json.loads(bytes(entries[".zmetadata"]))
             self.meta: dict[str, Any] = consolidated["metadata"]
         except (KeyError, ValueError, TypeError) as err:
             raise Unsupported(f"no consolidated metadata ({type(err).__name__}: {err})") from err

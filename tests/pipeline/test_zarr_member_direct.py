@@ -88,13 +88,13 @@ def _fortran(data: bytes) -> bytes:
     import numcodecs
 
     entries = _entries(data)
-    zarray = json.loads(entries["bands/.zarray"])
+    zarray = json.loads(bytes(entries["bands/.zarray"]))
     codec = numcodecs.get_codec(zarray["compressor"])
     for key in [k for k in entries if k.startswith("bands/") and not k.split("/")[1].startswith(".")]:
         chunk = np.frombuffer(codec.decode(entries[key]), zarray["dtype"]).reshape(zarray["chunks"])
         entries[key] = codec.encode(np.asfortranarray(chunk).tobytes(order="F"))
     zarray["order"] = "F"
-    meta = json.loads(entries[".zmetadata"])
+    meta = json.loads(bytes(entries[".zmetadata"]))
     meta["metadata"]["bands/.zarray"] = zarray
     entries["bands/.zarray"], entries[".zmetadata"] = json.dumps(zarray).encode(), json.dumps(meta).encode()
     buf = io.BytesIO()
@@ -108,7 +108,7 @@ def _fortran(data: bytes) -> bytes:
 def test_chunks_across_edges_and_times_read_directly(layout):
     data = {"C order, blosc": lambda: _store(), "F order": lambda: _fortran(_store()),
             "no compressor": lambda: _store({"compressors": None})}[layout]()
-    zarray = json.loads(_entries(data)["bands/.zarray"])
+    zarray = json.loads(bytes(_entries(data)["bands/.zarray"]))
     assert (zarray["order"], zarray["compressor"] is None) == {"C order, blosc": ("C", False), "F order": ("F", False),
                                                               "no compressor": ("C", True)}[layout]
     direct = _decode_direct(ArrayReader(_entries(data)))
@@ -134,7 +134,7 @@ def test_a_missing_chunk_or_metadata_is_left_to_xarray():
     with pytest.raises(Unsupported, match="missing"):
         ArrayReader(entries).read("bands")
     entries = _entries(_store())
-    meta = json.loads(entries.pop(".zmetadata"))
+    meta = json.loads(bytes(entries.pop(".zmetadata")))
     assert "bands/.zarray" in meta["metadata"]
     with pytest.raises(Unsupported, match="consolidated"):
         ArrayReader(entries)
@@ -148,7 +148,7 @@ def _zip(entries: dict) -> bytes:
     with zipfile.ZipFile(buf, "w") as zf:
         for key in sorted(entries):
             value = entries[key]
-            zf.writestr(key, value if isinstance(value, bytes) else value.to_bytes())
+            zf.writestr(key, bytes(value) if isinstance(value, (bytes, memoryview)) else value.to_bytes())
     return buf.getvalue()
 
 
@@ -173,7 +173,7 @@ def _member(bands=None, time=None, extra=None, coords=None) -> bytes:
 def _edited(data: bytes, edit) -> bytes:
     """``data`` with ``edit(entries, metadata)`` applied; each array's own .zarray/.zattrs rewritten to match."""
     entries = _entries(data)
-    consolidated = json.loads(entries[".zmetadata"])
+    consolidated = json.loads(bytes(entries[".zmetadata"]))
     edit(entries, consolidated["metadata"])
     for key, value in consolidated["metadata"].items():
         entries[key] = json.dumps(value).encode()
