@@ -277,13 +277,13 @@ def _compiled(kernel: Callable) -> Callable:
     """``kernel`` compiled by numba without the GIL, cached on disk where a cache location is writable: in
     ``$NUMBA_CACHE_DIR`` when set, else beside this module, else in ``~/.cache/numba``. Where none is (a read-only
     install and home folder), it is compiled in memory instead, once per process. numba is imported only here, so
-    the driver and processes that never compute statistics do not load it."""
+    the driver and processes that never read samples (the checks' kernels) or compute statistics do not load it."""
     import numba
 
     try:
         return numba.njit(cache=True, nogil=True)(kernel)
     except RuntimeError as err:  # "cannot cache function ...: no locator available": nowhere to write the cache
-        log.info("numba cannot cache the statistics kernel %s (%s); compiling it in memory", kernel.__name__, err)
+        log.info("numba cannot cache the compiled kernel %s (%s); compiling it in memory", kernel.__name__, err)
         return numba.njit(nogil=True)(kernel)
 
 

@@ -211,9 +211,12 @@ def count_finite(x: np.ndarray) -> int:
 def any_other_than(x: np.ndarray, value: Any) -> bool:
     """``(x != value).any()``: for integers, compiled and stopped at the first such element
     (`pipeline.stats.first_other_than`), so a sample with data costs a pixel, not a mask of every pixel."""
-    if x.dtype.kind in "iu" and x.size:
+    if x.dtype.kind in "iu" and x.size and isinstance(value, (int, np.integer)):
+        info = np.iinfo(x.dtype)
+        if not info.min <= value <= info.max:  # no element can hold it
+            return True
         flat = np.ascontiguousarray(x).reshape(-1).astype(x.dtype.newbyteorder("="), copy=False)
-        return first_other_than()(flat, value) >= 0
+        return first_other_than()(flat, flat.dtype.type(value)) >= 0  # one type on both sides: compared exactly
     return bool((x != value).any())
 
 

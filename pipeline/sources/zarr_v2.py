@@ -40,7 +40,7 @@ class Unsupported(Exception):
 
 
 class ArrayReader:
-    """The arrays of one consolidated Zarr v2 store held as ``{key: bytes}``.
+    """The arrays of one consolidated Zarr v2 store held as ``{key: bytes}`` (or memoryviews: `zip_entries`).
 
     The whole store (or the ``arrays`` named) is checked when it is opened, as xarray checks it: every array's metadata must be one this
     reader reads exactly as xarray would, every array must name its dimensions (``_ARRAY_DIMENSIONS``, one per
@@ -191,7 +191,7 @@ class ArrayReader:
         out[where] = chunk[tuple(slice(0, w.stop - w.start) for w in where)]
 
 
-def _blosc_nbytes(codec: Any, raw: bytes) -> Optional[int]:
+def _blosc_nbytes(codec: Any, raw: Any) -> Optional[int]:
     """The decompressed size a Blosc frame declares (bytes 4-7 of its 16-byte header, little-endian: the c-blosc
     header format, README_HEADER.rst), None for another codec. Blosc decompresses into a destination larger than
     that without a word, so the size is compared first."""

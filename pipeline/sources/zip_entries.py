@@ -9,9 +9,12 @@ a copy and ~25 us of Python per entry):
   `memoryview` of it (no copy);
 - `pipeline.sources.ssl4eo_zarr`: chunk files on an object store are read ahead, one ranged request per entry.
 
-`stored_entry` makes zipfile's checks with zipfile's words, so a damaged entry is rejected alike either way: the
-local header's magic, the name in the local header against the central directory's, the length, and the CRC-32.
-Anything else (deflated, encrypted, patched entries) is `zipfile`'s to read (`is_stored` says which).
+`stored_entry` makes zipfile's checks of a stored entry with zipfile's words, so a damaged entry is rejected alike
+either way: the local header's magic, the name in the local header against the central directory's, an entry
+running into the next (where this Python's zipfile checks it: 3.11.8, 3.12.2 and later), the length, and the CRC-32.
+One difference: a local name that is not valid UTF-8 under the UTF-8 flag is a ``BadZipFile`` here (names differ),
+a ``UnicodeDecodeError`` in zipfile. Anything else (deflated, encrypted, patched entries) is `zipfile`'s to read
+(`is_stored` says which).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ def stored_entry(info: zipfile.ZipInfo, read: Callable[[int, int], Buffer], slac
     name_end = zipfile.sizeFileHeader + header[10]  # + file name length
     data_at = name_end + header[11]  # + extra field length
     end = data_at + info.compress_size
+    overlap_end = getattr(info, "_end_offset", None)  # where this Python's zipfile says the next entry begins
+    if overlap_end is not None and start + end > overlap_end:
+        raise zipfile.BadZipFile(f"Overlapped entries: {info.orig_filename!r} (possible zip bomb)")
     if end > len(buf):
         buf = bytes(buf) + bytes(read(start + len(buf), start + end))
     local_name = bytes(buf[zipfile.sizeFileHeader:name_end])
@@ -70,11 +76,10 @@ def entries_in_memory(data: Buffer) -> dict[str, Buffer]:
     view = memoryview(data)
     out: dict[str, Buffer] = {}
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for info in zf.infolist():
-            if info.filename.endswith("/"):
-                continue
+        last = {info.filename: info for info in zf.infolist() if not info.filename.endswith("/")}
+        for name, info in last.items():  # an earlier entry of a repeated name is never read, as by ZipFile.read
             if is_stored(info):
-                out[info.filename] = stored_entry(info, lambda a, b: view[a:b], slack=MAX_EXTRA)
+                out[name] = stored_entry(info, lambda a, b: view[a:b], slack=MAX_EXTRA)
             else:
-                out[info.filename] = zf.read(info)
+                out[name] = zf.read(info)
     return out

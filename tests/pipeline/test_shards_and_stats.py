@@ -296,6 +296,7 @@ def test_integer_sums_take_any_byte_order_layout_and_width(dtype, monkeypatch):
         sums = IntegerSums(3, nodata)
         for sample in x:
             sums.add(sample)
+            assert sums._pixels <= piece  # folded before the int64 accumulators could take more than PIECE pixels
         got = sums.moments()
         counts, means, m2s = exact_reference(x, nodata)
         assert got.count.tolist() == counts and got.mean.tolist() == means and got.m2.tolist() == m2s
@@ -412,18 +413,22 @@ def test_count_finite_agrees_with_numpy_on_every_half_precision_value(dtype):
     assert count_finite(every) == 2**16 - 2 * 2**10  # exponent all ones: 2 x 1024 infinities and NaNs
 
 
-@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", ">u2", "u1", "<i4", "<f4"])
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", ">u2", "u1", "i1", "<i4", "<u4", "<i8", "<u8", "<f4"])
 def test_any_other_than_agrees_with_numpy(dtype):
     # The compiled scan stops at the first pixel other than the value: it must say what (x != value).any() says
-    # wherever that pixel is (first, last, none), for either byte order, strided views and values the type cannot hold.
+    # wherever that pixel is (first, last, none), for either byte order, strided views and values the type cannot
+    # hold, 64-bit ones included (numba would compare uint64 with int64 as float64).
     from pipeline.sources.base import any_other_than
 
-    for value in (0, -1000, 7, 70000):
-        x = np.full((3, 6, 5), value if np.can_cast(np.min_scalar_type(value), np.dtype(dtype)) else 0, dtype)
+    for value in (0, -1000, 7, 70000, 2**53, 2**53 + 1, 2**63, 2**64 - 1, -2**63):
+        fits = np.can_cast(np.min_scalar_type(value), np.dtype(dtype))
+        x = np.full((3, 6, 5), value if fits else 0, dtype)
         cases = [x, x[:, ::2, 1:], x[:0]]
         for where in ((0, 0, 0), (2, 5, 4), (1, 3, 2)):
             y = x.copy()
             y[where] = 1 if value != 1 else 2
+            if fits and y.dtype.itemsize == 8 and value >= 2**53:  # one apart where float64 cannot tell them apart
+                y[where] = value - 1
             cases += [y, y[:, ::-1], y[::2, 1::2]]
         for case in cases:
             assert any_other_than(case, value) == bool((case != value).any()), (case.shape, value)

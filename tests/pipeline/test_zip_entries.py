@@ -97,9 +97,36 @@ def test_data_cut_short_and_a_second_read_for_a_longer_local_header():
         stored_entry(info, lambda start, end: data[start:start + 10])
 
 
-def test_what_is_not_stored_plainly_is_left_to_zipfile():
+def _flagged(data: bytes, name: str, bit: int) -> bytes:
+    """``data`` with general-purpose flag ``bit`` set for ``name`` in its local header and the central directory."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info, directory = zf.getinfo(name), zf.start_dir
+    out = bytearray(data)
+    out[info.header_offset + 6] |= bit
+    record = data.index(name.encode(), directory) - 46  # the directory record of ``name``: its name at byte 46
+    assert data[record:record + 4] == b"PK\x01\x02"
+    out[record + 8] |= bit
+    return bytes(out)
+
+
+@pytest.mark.parametrize("bit", [0x1, 0x20, 0x40], ids=["encrypted", "patched", "strong encryption"])
+def test_what_is_not_stored_plainly_is_left_to_zipfile(bit):
     with zipfile.ZipFile(io.BytesIO(_zip())) as zf:
         assert not is_stored(zf.getinfo("deflated")) and is_stored(zf.getinfo("bands/0.0.0"))
-        encrypted = zf.getinfo("empty")
-        encrypted.flag_bits |= 0x1
-        assert not is_stored(encrypted)
+    data = _flagged(_zip(), "bands/0.0.0", bit)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert not is_stored(zf.getinfo("bands/0.0.0"))
+        with pytest.raises(Exception) as expected:
+            zf.read("bands/0.0.0")
+    with pytest.raises(type(expected.value), match="encrypt|patched"):  # zipfile's own error, from zipfile
+        entries_in_memory(data)
+
+
+def test_only_the_last_of_a_repeated_name_is_read():
+    # ZipFile.read(name) reads the last entry of that name: a damaged earlier one is never looked at, here neither
+    data = _zip()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        first = next(i for i in zf.infolist() if i.filename == "twice")
+    damaged = bytearray(data)
+    damaged[first.header_offset] ^= 0xFF
+    assert bytes(entries_in_memory(bytes(damaged))["twice"]) == b"second"
