@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -74,6 +75,16 @@ def read_all(url: str, items: Any, options: SourceOptions, source: str = "ssl4eo
             "cores_busy": (time.process_time() - cpu) / seconds}
 
 
+_GET = re.compile(rb'"(?:\x1b\[[0-9;]*m)*GET /')
+"""A GET in werkzeug's access log: '"GET /bucket/key HTTP/1.1" 206 -', a 206 coloured by ANSI codes."""
+
+
+def get_requests(log: Path) -> int:
+    """GET requests the moto server has logged so far."""
+    with open(log, "rb") as f:
+        return sum(1 for line in f if _GET.search(line))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="ssl4eo-wds", choices=["ssl4eo-wds", "ssl4eo-zarr"])
@@ -101,7 +112,8 @@ def main() -> None:
 
         rows = []
         with contextlib.ExitStack() as stack:
-            endpoint = stack.enter_context(moto_server(work / "moto.log"))
+            log = work / "moto.log"  # the server's access log: a line per request
+            endpoint = stack.enter_context(moto_server(log))
             url, upload_s = upload_archive(endpoint, work / "archive")
             up = urlparse(endpoint)
             proxy = stack.enter_context(StoreProxy((up.hostname, up.port)))
@@ -112,7 +124,10 @@ def main() -> None:
                 proxy.latency(latency / 1000)
                 for depth in args.depths:
                     proxy.reset()
+                    before = get_requests(log)
                     row = read_all(url, items, SourceOptions(storage_options=remote, read_ahead=depth), args.source)
+                    time.sleep(0.2)  # the server logs a request once it has answered it
+                    row["get_requests"] = get_requests(log) - before
                     if row["samples"] != floor["samples"]:
                         sys.exit(f"read {row['samples']} samples from S3, {floor['samples']} locally")
                     row.update(latency_ms=latency, depth=depth, mb_received=proxy.received / 1e6,
@@ -130,22 +145,26 @@ def main() -> None:
     print_header(f"Reading {'the WebDataset release' if args.source == 'ssl4eo-wds' else 'the Zarr chunk files'} "
                  "from S3: round trips and read-ahead", setup, hw)
     print("| input | added round trip | read-ahead depth | s | samples/s | / local floor | MB from the store "
-          "| cores busy (this process) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| local disk (page cache) | – | – | {floor['seconds']:.2f} | {floor['samples_per_s']:.1f} | 1.00 | – "
+          "| GET requests | cores busy (this process) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| local disk (page cache) | – | – | {floor['seconds']:.2f} | {floor['samples_per_s']:.1f} | 1.00 | – | – "
           f"| {floor['cores_busy']:.2f} |")
     for r in rows:
         mark = " (default)" if r["depth"] == default_depth else ""
         print(f"| S3 | {r['latency_ms']:.0f} ms | {r['depth']}{mark} | {r['seconds']:.2f} | {r['samples_per_s']:.1f} "
-              f"| {r['over_floor']:.2f} | {r['mb_received']:.0f} | {r['cores_busy']:.2f} |")
-    what = ("two ranged GETs (its S1 and its S2 member)" if args.source == "ssl4eo-wds" else
-            "two chunks (its S1 and its S2 chunk, one ranged GET each when fetched ahead; without read-ahead zipfile "
-            "reads them through the file's 8 MB blocks)")
-    print("\nEach S3 row reads the same planned items (planning done once, without added latency). A location is "
-          f"{what}; depth 0 issues them when the location comes, depth N keeps "
-          "the next N locations' requests in flight on 2N threads (a location's two at once) while this one is "
-          "decoded. Cores busy counts "
-          "this process only; the moto server and the proxy run on the same cores.")
+              f"| {r['over_floor']:.2f} | {r['mb_received']:.0f} | {r['get_requests']} | {r['cores_busy']:.2f} |")
+    if args.source == "ssl4eo-wds":
+        what = ("A location is two ranged GETs (its S1 and its S2 member); depth 0 issues them when the location "
+                "comes, depth N keeps the next N locations' requests in flight on 2N threads (a location's two at "
+                "once) while this one is decoded.")
+    else:
+        what = ("A location is two chunks (its S1 and its S2 chunk). Depth 0: zipfile reads them when the location "
+                "comes, through the file's 8 MB blocks. Depth N: the next locations are fetched in batches of N on "
+                "2N threads (the next batch once a batch's first location is in), the chunks of a batch that lie side "
+                "by side in their file in one ranged GET of up to 8 MB.")
+    print("\nEach S3 row reads the same planned items (planning done once, without added latency). " + what +
+          " GET requests: the moto server's access log. Cores busy counts this process only; the moto server and "
+          "the proxy run on the same cores.")
     for latency in args.latency_ms:
         same = {r["depth"]: r for r in rows if r["latency_ms"] == latency}
         if 0 in same and default_depth in same and default_depth != 0:

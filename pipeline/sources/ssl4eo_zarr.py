@@ -31,7 +31,8 @@ Files are opened in place, never loaded whole: the zip's directory, then the chu
 of each location as it is needed, from the local file or by ranged reads of the
 remote object; numcodecs decodes each chunk straight into the location's array
 (`_Cubes`), and xarray reads any file that reader declines. On an object store the
-chunks of the next ``read_ahead`` locations are fetched on threads (`_ChunkReadAhead`).
+chunks of the next ``read_ahead`` locations are fetched on threads, neighbours in the file in one ranged
+request (`_ChunkReadAhead`).
 """
 
 from __future__ import annotations
@@ -194,24 +195,29 @@ class _Cubes:
         if "bands" not in self._reader:
             raise KeyError("bands")
 
-    def fetch_ahead(self, i: int, ahead: "_ChunkReadAhead") -> None:
-        """Have ``ahead`` fetch the chunks of location ``i`` on its threads; `location` takes them from there.
-        Nothing for a file read through xarray, or for a chunk the reader will not find in the zip directory."""
+    def fetch_ahead(self, locations: Sequence[int], ahead: "_ChunkReadAhead") -> None:
+        """Have ``ahead`` fetch the chunks of ``locations`` on its threads (neighbours in the file in one request);
+        `location` takes them from there. Nothing for a file read through xarray, or for a chunk the reader will not
+        find in the zip directory."""
         if self._reader is None or self._zip is None or self._entries is None:
             return
-        try:
-            keys = self._reader.row_keys("bands", i)
-        except StorageUnavailable:
-            raise
-        except Exception:  # noqa: BLE001 - a location the file does not hold, damaged metadata: best effort only,
-            return  # `location` says what is wrong when it comes
-        for key in keys:
+        infos = []
+        for i in locations:
             try:
-                info = self._zip.getinfo(key)
-            except KeyError:  # a chunk the file leaves out: xarray reads its fill value when it comes
-                continue
-            if _ChunkReadAhead.can_fetch(info) and key not in self._entries.ahead:
-                self._entries.ahead[key] = ahead.submit(self.path, info)
+                keys = self._reader.row_keys("bands", i)
+            except StorageUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - a location the file does not hold, damaged metadata: best effort
+                continue  # only, `location` says what is wrong when it comes
+            for key in keys:
+                try:
+                    info = self._zip.getinfo(key)
+                except KeyError:  # a chunk the file leaves out: xarray reads its fill value when it comes
+                    continue
+                if _ChunkReadAhead.can_fetch(info) and key not in self._entries.ahead:
+                    infos.append(info)
+        if infos:
+            self._entries.ahead.update(ahead.submit(self.path, infos))
 
     def drop_ahead(self, i: int) -> None:
         """Cancel and forget what was fetched ahead for location ``i`` (its partner's chunk failed: never read)."""
@@ -272,7 +278,7 @@ class _ZipEntries(Mapping):
     def __init__(self, zf: zipfile.ZipFile):
         self._zip = zf
         self._names = {n for n in zf.namelist() if not n.endswith("/")}
-        self.ahead: dict[str, Future] = {}
+        self.ahead: dict[str, _Fetched] = {}
         """Entries being fetched on `_ChunkReadAhead`'s threads, taken (and waited for) when asked for."""
 
     def __getitem__(self, name: str) -> bytes:
@@ -292,14 +298,22 @@ class _ZipEntries(Mapping):
 
 class _ChunkReadAhead:
     """The chunks of the locations to come, fetched on threads while the current one is decoded, checked and
-    written: on an object store each chunk is a request that waits a round trip before its first byte, and a
-    location's S2 chunk is ~7 MB. Each entry is one ranged request for its bytes (its local header, name and data;
-    a second where the local header is longer than the central directory says), checked against the directory's
-    CRC-32 as zipfile checks it. `close` cancels what has not started; a fetch still retrying through an outage
-    gives up at its next attempt."""
+    written: on an object store each request waits a round trip before its first byte, and a location's S2 chunk is
+    ~2.6 MB (7 MB decoded). Chunks that lie next to each other in the zip (consecutive locations: zarr writes a
+    file's chunks in order) are fetched as one ranged request of up to `RUN_BYTES` (`runs`), so a batch of locations
+    costs a request per ~8 MB, as the sequential read's blocks do, instead of one per chunk; each entry is then
+    checked against the directory's CRC-32 as zipfile checks it (`stored_entry`), on the fetching thread, and a
+    damaged entry fails its own location only. `close` cancels what has not started; a fetch still retrying through
+    an outage gives up at its next attempt."""
 
     SLACK = 1024
-    """Bytes fetched past the central directory's idea of the local header, for a longer local extra field."""
+    """Bytes fetched past the central directory's idea of an entry's end, for a longer local extra field."""
+    RUN_BYTES = 8 << 20
+    """The most one request spans: the retrying file's block size, and the range size S3's guidance names
+    (8-16 MB) for parallel ranged GETs. An entry larger than this is one request of its own."""
+    GAP_BYTES = 64 << 10
+    """The most bytes between two entries one request spans (and discards): a data descriptor, a longer local extra
+    field, an entry of another array (metadata) between two chunks."""
 
     def __init__(self, fs, depth: int):
         self.fs = fs
@@ -310,13 +324,51 @@ class _ChunkReadAhead:
     """Stored, not encrypted (how zarr's ZipStore and the release write chunks, already compressed): what this
     class reads; zipfile reads anything else when it comes."""
 
-    def submit(self, path: str, info: zipfile.ZipInfo) -> Future:
-        return self.pool.submit(self._entry, path, info)
+    @classmethod
+    def runs(cls, infos: Sequence[zipfile.ZipInfo]) -> list[list[zipfile.ZipInfo]]:
+        """``infos`` (stored entries) grouped into the requests that fetch them: in file order, an entry joins the
+        previous one's request when it begins at most `GAP_BYTES` after that one ends and the request then spans at
+        most `RUN_BYTES`."""
+        out: list[list[zipfile.ZipInfo]] = []
+        end = 0
+        for info in sorted(infos, key=lambda i: i.header_offset):
+            if out and 0 <= info.header_offset - end <= cls.GAP_BYTES and \
+                    _entry_end(info) - out[-1][0].header_offset <= cls.RUN_BYTES:
+                out[-1].append(info)
+            else:
+                out.append([info])
+            end = _entry_end(info)
+        return out
 
-    def _entry(self, path: str, info: zipfile.ZipInfo) -> bytes:
-        """The bytes of stored entry ``info``, judged as zipfile judges them when it reads the entry itself (its
-        checks and its words: `stored_entry`), so that a damaged entry is rejected alike with read-ahead and without."""
-        return stored_entry(info, lambda start, end: self._range(path, start, end), self.SLACK)
+    def submit(self, path: str, infos: Sequence[zipfile.ZipInfo]) -> dict[str, "_Fetched"]:
+        """Fetch stored entries ``infos`` of the zip at ``path`` (one request per `runs` group); {name: _Fetched}."""
+        out: dict[str, _Fetched] = {}
+        for run in self.runs(infos):
+            shared = _Run(self.pool.submit(self._fetch_run, path, run), len(run))
+            out.update((info.filename, _Fetched(shared, info.filename)) for info in run)
+        return out
+
+    def _fetch_run(self, path: str, run: Sequence[zipfile.ZipInfo]) -> dict[str, Any]:
+        """{name: the entry's bytes, or the exception reading it raised} for the entries of one request: each judged
+        as zipfile judges it when it reads the entry itself (`stored_entry`: its checks and its words), so that a
+        damaged entry is rejected alike with read-ahead and without. An outage while fetching the request itself
+        is raised (for all of them)."""
+        start = run[0].header_offset
+        asked = _entry_end(run[-1]) + self.SLACK
+        data = memoryview(self._range(path, start, asked))
+
+        def read(a: int, b: int) -> Any:
+            if start <= a and b <= asked:  # in what was fetched (or past the end of the file: fewer bytes)
+                return data[a - start:b - start]
+            return self._range(path, a, b)  # a local extra field longer than SLACK: the rest of this entry
+
+        out: dict[str, Any] = {}
+        for info in run:
+            try:
+                out[info.filename] = stored_entry(info, read, self.SLACK)
+            except Exception as err:  # noqa: BLE001 - raised when asked for: damage loses that location, an outage
+                out[info.filename] = err  # (the rest of an entry past SLACK) stops the reader as it would have
+        return out
 
     def _range(self, path: str, start: int, end: int) -> bytes:
         def cat_file(path: str, start: int, end: int) -> bytes:
@@ -329,6 +381,40 @@ class _ChunkReadAhead:
     def close(self) -> None:
         self.stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _entry_end(info: zipfile.ZipInfo) -> int:
+    """Where stored entry ``info`` ends in its zip by the central directory (local header, name, extra, data): the
+    next entry's offset in a zip written in one pass without data descriptors, as zarr's ZipStore writes them."""
+    name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+    return info.header_offset + zipfile.sizeFileHeader + len(name) + len(info.extra) + info.compress_size
+
+
+class _Run:
+    """One request's future and how many of its entries are still wanted (cancelled when none is)."""
+
+    def __init__(self, future: Future, entries: int):
+        self.future, self.wanted = future, entries
+
+
+class _Fetched:
+    """An entry fetched ahead within a request (`_ChunkReadAhead.submit`): `result` gives its bytes or raises
+    what reading it raised; `cancel` gives it up (the request too, once none of its entries is wanted)."""
+
+    def __init__(self, run: _Run, name: str):
+        self.run, self.name = run, name
+
+    def result(self) -> Any:
+        got = self.run.future.result()  # an outage fetching the request: raised for every entry in it
+        value = got.pop(self.name)  # not kept past its use: the request's buffer goes once all entries are taken
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        self.run.wanted -= 1
+        if self.run.wanted <= 0:
+            self.run.future.cancel()
 
 
 class _LocationCache:
@@ -566,18 +652,20 @@ class SSL4EOZarr(Source):
                       location: _LocationCache, orders: tuple, ahead: Optional[_ChunkReadAhead]) -> Iterator[Result]:
         p1, p2 = items[0].refs["s1"], items[0].refs["s2"]
         order1, order2 = orders
-        # the locations in the order the items come: `ahead` fetches the first read_ahead of them, then one more
-        # each time a location's chunks are in, so read_ahead are in flight while a location is decoded and written
-        to_fetch = iter(dict.fromkeys((it.refs["i1"], it.refs["i2"]) for it in items))
+        # the locations in the order the items come, in batches of read_ahead: `ahead` fetches the first batch, and the
+        # next one each time a batch's first location is in, so that read_ahead to 2 x read_ahead locations are in
+        # flight while one is decoded and written, and a batch's chunks that lie side by side are one request
+        depth = self.options.read_ahead if ahead is not None else 0
+        locations = list(dict.fromkeys((it.refs["i1"], it.refs["i2"]) for it in items))
+        batches = [locations[k:k + depth] for k in range(0, len(locations), depth)] if depth else []
+        batch_starts = {batch[0]: b for b, batch in enumerate(batches)}
 
-        def fetch_next() -> None:
-            nxt = next(to_fetch, None)
-            if ahead is not None and nxt is not None:
-                cubes1.fetch_ahead(nxt[0], ahead)
-                cubes2.fetch_ahead(nxt[1], ahead)
+        def fetch_batch(b: int) -> None:
+            if ahead is not None and b < len(batches):
+                cubes1.fetch_ahead([i1 for i1, _ in batches[b]], ahead)
+                cubes2.fetch_ahead([i2 for _, i2 in batches[b]], ahead)
 
-        for _ in range(self.options.read_ahead if ahead is not None else 0):
-            fetch_next()
+        fetch_batch(0)
         current = None
         for it in items:
             begins = (it.refs["i1"], it.refs["i2"]) != current
@@ -594,8 +682,8 @@ class SSL4EOZarr(Source):
                 try:
                     s1, s2 = location.get(cubes1, cubes2, it.refs["i1"], it.refs["i2"])
                 finally:
-                    if begins:  # this location's chunks are in (or lost): one more location goes into flight
-                        fetch_next()
+                    if begins and current in batch_starts:  # a batch's first location is in (or lost): the next
+                        fetch_batch(batch_starts.pop(current) + 1)  # batch goes into flight
                 # views where the stored order is ours: the samples share the location's arrays, never changed
                 s1, s2 = in_order(s1[it.refs["t1"]], order1), in_order(s2[it.refs["t2"]], order2)
             except LocationUnreadable as err:  # a corrupt chunk loses this location's samples only

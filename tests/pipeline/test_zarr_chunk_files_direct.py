@@ -262,35 +262,103 @@ def _flip_a_byte_of(path: Path, key: str) -> None:
 
 @pytest.fixture
 def on_s3(tmp_path, s3_bucket) -> tuple[Path, str]:
-    """An archive with one damaged chunk (a flipped byte: the zip's CRC-32 no longer matches), locally and on S3."""
+    """An archive with one damaged chunk, the middle one of its file (a flipped byte: the zip's CRC-32 no longer
+    matches), locally and on S3."""
     root = tmp_path / "archive"
     synthetic.make_ssl4eo_zarr(root, splits={"train": 2}, samples_per_file=3, size=18, seed=15)
-    _flip_a_byte_of(_files(root, "S2L1C")[1], "bands/2.0.0.0.0")
+    _flip_a_byte_of(_files(root, "S2L1C")[1], "bands/1.0.0.0.0")
     fresh_s3fs().put(str(root), f"{s3_bucket}/archive", recursive=True)
     return root, f"{s3_bucket}/archive"
 
 
 def test_reading_ahead_on_s3_gives_the_local_samples_and_rejections(on_s3, monkeypatch):
+    """Read ahead, a batch's chunks that lie side by side in their file are one ranged request; a damaged chunk in
+    the middle of a request loses its own location only, with the words zipfile has for it."""
     root, url = on_s3
     local = _read(root)
     lost = [k for k, reason, _ in local[1]]
     assert len(local[0]) == 2 * 3 * 4 - 4 and len(lost) == 4 and {r for _, r, _ in local[1]} == {"unreadable"}
-    assert all("Bad CRC-32 for file 'bands/2.0.0.0.0'" in detail for _, _, detail in local[1])
-    fetched, read_by_zipfile = [], []
-    submit, zip_read = ssl4eo_zarr._ChunkReadAhead.submit, zipfile.ZipFile.read
-    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "submit",
-                        lambda self, path, info: fetched.append(info.filename) or submit(self, path, info))
+    assert all("Bad CRC-32 for file 'bands/1.0.0.0.0'" in detail for _, _, detail in local[1])
+    runs, requests, read_by_zipfile = [], [], []
+    submit, fetch, zip_read = (ssl4eo_zarr._ChunkReadAhead.submit, ssl4eo_zarr._ChunkReadAhead._range,
+                               zipfile.ZipFile.read)
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "submit", lambda self, path, infos: runs.extend(
+        [i.filename for i in run] for run in self.runs(infos)) or submit(self, path, infos))
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "_range", lambda self, path, start, end: requests.append(
+        (path, start, end)) or fetch(self, path, start, end))
     monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: (
         read_by_zipfile.append(name) if name.startswith("bands/") else None) or zip_read(self, name, *a))
-    for depth in (4, 1, 0):
-        fetched.clear()
+    chunks = [f"bands/{i}.0.0.0.0" for i in range(3)]
+    for depth, expected_runs in ((4, [chunks] * 4), (2, [chunks[:2], chunks[2:]] * 4), (1, [[c] for c in chunks] * 4),
+                                 (0, [])):
+        runs.clear()
+        requests.clear()
         read_by_zipfile.clear()
         assert _read(url, read_ahead=depth) == local, depth  # the damaged chunk fails its CRC check there too
-        # every location's S1 and S2 chunk fetched ahead (each file pair's 3 locations), none without read-ahead
-        assert sorted(fetched) == ([] if depth == 0 else sorted([f"bands/{i}.0.0.0.0" for i in range(3)] * 4)), depth
+        # every location's S1 and S2 chunk fetched ahead, a batch of `depth` locations' neighbours in one request
+        # (each file's 3 locations); none without read-ahead
+        assert sorted(runs) == sorted(expected_runs), depth
+        assert len(requests) == len(expected_runs), depth
         # and those fetched are the ones used: zipfile reads only what the damaged location's later items read
         # again, or, without read-ahead, every chunk
-        assert set(read_by_zipfile) == ({"bands/2.0.0.0.0"} if depth else {f"bands/{i}.0.0.0.0" for i in range(3)})
+        assert set(read_by_zipfile) == ({"bands/1.0.0.0.0"} if depth else set(chunks))
+
+
+def test_requests_span_neighbouring_entries_up_to_their_limits(tmp_path, monkeypatch):
+    """`_ChunkReadAhead.runs`: entries in file order, one request while each begins within GAP_BYTES of the last
+    one's end and the request spans at most RUN_BYTES; an entry larger than that is a request of its own."""
+    path = tmp_path / "a.zip"
+    sizes = {"a": 100, "b": 100, "meta": 40, "c": 100, "d": 500, "e": 100}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, size in sizes.items():
+            zf.writestr(name, bytes(size))
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+    entry = 30 + 1 + 100  # local header, a one-letter name, no extra field, 100 bytes
+    assert ssl4eo_zarr._entry_end(infos["a"]) == infos["b"].header_offset == entry
+    picked = [infos[n] for n in ("e", "c", "b", "a", "d")]  # not in file order; "meta" not asked for
+    runs = lambda: [[i.filename for i in run] for run in ssl4eo_zarr._ChunkReadAhead.runs(picked)]  # noqa: E731
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "GAP_BYTES", 0)
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "RUN_BYTES", 1 << 20)
+    assert runs() == [["a", "b"], ["c", "d", "e"]]  # "meta" lies between b and c
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "GAP_BYTES", 34 + 40)  # its header, name and data: skipped
+    assert runs() == [["a", "b", "c", "d", "e"]]
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "GAP_BYTES", 34 + 40 - 1)
+    assert runs() == [["a", "b"], ["c", "d", "e"]]
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "RUN_BYTES", 2 * entry)
+    assert runs() == [["a", "b"], ["c"], ["d"], ["e"]]  # d alone is larger than RUN_BYTES
+
+
+def test_a_request_read_ahead_judges_each_entry_apart(tmp_path):
+    """Each entry of one request is checked as zipfile checks it, its damage its own: an intact entry, one with a
+    flipped byte, and last one whose local header has an extra field the directory lacks (longer than SLACK: the
+    rest of it is a second request; in the middle of a request the next entry's bytes would hold it)."""
+    import fsspec
+
+    path = tmp_path / "a.zip"
+    payload = bytes(range(256)) * 4
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a", payload)
+        zf.writestr("b", payload)
+        with zf.open(zipfile.ZipInfo("c"), "w", force_zip64=True) as f:  # a local zip64 extra field only
+            f.write(payload[::-1])
+    _flip_a_byte_of(path, "b")
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        assert [len(i.extra) for i in infos] == [0, 0, 0] and zf.read("c") == payload[::-1]
+    requests = []
+    ahead = ssl4eo_zarr._ChunkReadAhead(fsspec.filesystem("file"), 1)
+    fetch = ahead._range
+    ahead._range = lambda *a: requests.append(a) or fetch(*a)
+    ahead.SLACK = 0  # so that the local extra field is more than the request holds
+    try:
+        got = ahead.submit(str(path), infos)
+        assert bytes(got["a"].result()) == payload and bytes(got["c"].result()) == payload[::-1]
+        with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32 for file 'b'"):
+            got["b"].result()
+        assert len(requests) == 2  # the three entries, then the rest of "c"
+    finally:
+        ahead.close()
 
 
 def _through_the_proxy(tmp_path, s3_bucket, store_proxy, monkeypatch, window_s: float, seed: int):
