@@ -12,9 +12,11 @@ server on loopback, plans it once, then reads every sample in this process throu
 
 1. from the local copy (page cache warm): the read floor, no request at all;
 2. from S3 through a proxy on loopback that holds every request for ``--latency-ms`` before relaying it,
-   at each read-ahead depth of ``--depths`` (0: each location's two requests when it comes).
+   at each read-ahead depth of ``--depths`` (0: each location's two requests when it comes; N: batches of N
+   locations, a batch's neighbouring members or chunks in one request of up to 8 MB).
 
-Reported: samples/s and the ratio to the local floor. The moto server runs on this machine's cores and
+Reported: samples/s and the ratio to the local floor, the bytes the proxy relayed and the GET requests the moto
+server logged. The moto server runs on this machine's cores and
 serves every byte through Python: at latency 0 it, not the reader, is what the S3 rows measure.
 
     python bench/bench_remote_input.py                                 # 256 samples, ~2 min on 2 cores
@@ -154,14 +156,14 @@ def main() -> None:
         print(f"| S3 | {r['latency_ms']:.0f} ms | {r['depth']}{mark} | {r['seconds']:.2f} | {r['samples_per_s']:.1f} "
               f"| {r['over_floor']:.2f} | {r['mb_received']:.0f} | {r['get_requests']} | {r['cores_busy']:.2f} |")
     if args.source == "ssl4eo-wds":
-        what = ("A location is two ranged GETs (its S1 and its S2 member); depth 0 issues them when the location "
-                "comes, depth N keeps the next N locations' requests in flight on 2N threads (a location's two at "
-                "once) while this one is decoded.")
+        what = ("A location is two members (its S1 and its S2 member). Depth 0: a ranged GET for each when the "
+                "location comes.")
     else:
         what = ("A location is two chunks (its S1 and its S2 chunk). Depth 0: zipfile reads them when the location "
-                "comes, through the file's 8 MB blocks. Depth N: the next locations are fetched in batches of N on "
-                "2N threads (the next batch once a batch's first location is in), the chunks of a batch that lie side "
-                "by side in their file in one ranged GET of up to 8 MB.")
+                "comes, through the file's 8 MB blocks.")
+    what += (" Depth N: the next locations are fetched in batches of N on 2N threads (the next batch once a batch's "
+             "first location is in), the pieces of a batch that lie side by side in their object in one ranged GET of "
+             "up to 8 MB, while this location is decoded.")
     print("\nEach S3 row reads the same planned items (planning done once, without added latency). " + what +
           " GET requests: the moto server's access log. Cores busy counts this process only; the moto server and "
           "the proxy run on the same cores.")

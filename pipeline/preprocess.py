@@ -179,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", help="JSON of extra fsspec options for input and output")
     p.add_argument("--read-ahead", type=int, metavar="N",
                    help="Zarr releases (WebDataset or chunk files) on an object store: locations each worker fetches "
-                        "ahead (default 4, 0 none); raise it for a distant store")
+                        "ahead, in batches of N whose neighbouring members are one request (default 4, 0 none); 8 "
+                        "for a distant store")
     p.add_argument("--verify-existing", choices=VERIFY_MODES,
                    help="how a rerun checks shards left by an earlier run before reusing them")
     p.add_argument("--overwrite", action="store_true", help="replace a shard set made with different settings")

@@ -121,6 +121,20 @@ def set_retry_window(seconds: float) -> None:
     os.environ[RETRY_WINDOW_ENV] = repr(float(seconds))
 
 
+def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of ``path``, fewer where it ends first, none where it ends before ``start``: what a local
+    file's read gives. An object store answers a range that begins past the end with 416 InvalidRange, which s3fs
+    raises as an OSError (EINVAL) caused by botocore's ClientError; that one error, and only it, is read as no
+    bytes, so that a member or entry past the end of an object cut short is judged by its length, as locally."""
+    try:
+        return fs.cat_file(path, start=start, end=end)
+    except OSError as err:
+        response = getattr(err.__cause__, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "InvalidRange":
+            return b""
+        raise
+
+
 def is_transient(err: BaseException) -> bool:
     """Errors worth retrying: network trouble, timeouts, throttling (503 SlowDown), 5xx.
 

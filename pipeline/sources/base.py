@@ -69,9 +69,10 @@ class Rejection:
 
 
 DEFAULT_READ_AHEAD = 4
-"""Locations whose members a worker reading the WebDataset releases from an object store fetches ahead, a
-location's S1 and S2 members at once on twice as many threads (a few MB a location: ~3.7 MB at 264 px in
-`bench/bench_remote_input.py`, which measures the depths)."""
+"""Locations a worker reading the Zarr releases from an object store fetches ahead, in batches of that many (the
+next once a batch's first location is in, so 4 to 8 in flight), a batch's members or chunks that lie side by side
+in one ranged request of up to 8 MB (`pipeline.sources.ranges`), on twice as many threads (a few MB a location:
+~3.7 MB at 264 px in `bench/bench_remote_input.py`, which measures the depths; 8 for a distant store)."""
 
 
 @dataclass
@@ -87,8 +88,8 @@ class SourceOptions:
     """Sources that pair S1 and S2 acquisitions by date quarantine pairs further apart than this (days)."""
     read_ahead: int = DEFAULT_READ_AHEAD
     """Object-store input of the Zarr releases (WebDataset members, chunk files): locations whose members or chunks a
-    worker fetches ahead on threads while it writes the current one (0: none). Speed only: the samples do not
-    depend on it."""
+    worker fetches ahead on threads while it writes the current one, in batches of that many (`DEFAULT_READ_AHEAD`;
+    0: none). Speed only: the samples do not depend on it."""
 
 
 Result = Union[Sample, Rejection]

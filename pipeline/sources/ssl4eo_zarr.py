@@ -42,7 +42,7 @@ import threading
 import zipfile
 from collections import defaultdict
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -63,9 +63,10 @@ from pipeline.sources.base import (
     in_order,
     pair_by_date,
 )
+from pipeline.sources import ranges
 from pipeline.sources.zarr_v2 import ArrayReader, Unsupported
 from pipeline.sources.zip_entries import is_stored, stored_entry
-from pipeline.storage import ReadAbandoned, RetryingFile, StorageUnavailable, is_local, retrying
+from pipeline.storage import ReadAbandoned, RetryingFile, StorageUnavailable, is_local, read_range, retrying
 
 # Product folders as published: S1 GRD, and one per S2 processing level ("S2" + level).
 S1_PRODUCT = "S1GRD"
@@ -278,7 +279,7 @@ class _ZipEntries(Mapping):
     def __init__(self, zf: zipfile.ZipFile):
         self._zip = zf
         self._names = {n for n in zf.namelist() if not n.endswith("/")}
-        self.ahead: dict[str, _Fetched] = {}
+        self.ahead: dict[str, ranges.Fetched] = {}
         """Entries being fetched on `_ChunkReadAhead`'s threads, taken (and waited for) when asked for."""
 
     def __getitem__(self, name: str) -> bytes:
@@ -299,21 +300,19 @@ class _ZipEntries(Mapping):
 class _ChunkReadAhead:
     """The chunks of the locations to come, fetched on threads while the current one is decoded, checked and
     written: on an object store each request waits a round trip before its first byte, and a location's S2 chunk is
-    ~2.6 MB (7 MB decoded). Chunks that lie next to each other in the zip (consecutive locations: zarr writes a
-    file's chunks in order) are fetched as one ranged request of up to `RUN_BYTES` (`runs`), so a batch of locations
-    costs a request per ~8 MB, as the sequential read's blocks do, instead of one per chunk; each entry is then
-    checked against the directory's CRC-32 as zipfile checks it (`stored_entry`), on the fetching thread, and a
-    damaged entry fails its own location only. `close` cancels what has not started; a fetch still retrying through
-    an outage gives up at its next attempt."""
+    ~2.6 MB (7 MB decoded). Chunks that lie side by side in the zip (consecutive locations: zarr writes a file's
+    chunks in order) are one ranged request of up to `RUN_BYTES` (`pipeline.sources.ranges`), so a batch of
+    locations costs a request per ~8 MB, as the sequential read's blocks do, not one per chunk. Each entry is then
+    checked against the directory's CRC-32 as zipfile checks it (`stored_entry`), on the fetching thread; a damaged
+    entry fails its own location only. `close` cancels what has not started; a fetch still retrying through an
+    outage gives up at its next attempt."""
 
     SLACK = 1024
     """Bytes fetched past the central directory's idea of an entry's end, for a longer local extra field."""
-    RUN_BYTES = 8 << 20
-    """The most one request spans: the retrying file's block size, and the range size S3's guidance names
-    (8-16 MB) for parallel ranged GETs. An entry larger than this is one request of its own."""
-    GAP_BYTES = 64 << 10
-    """The most bytes between two entries one request spans (and discards): a data descriptor, a longer local extra
-    field, an entry of another array (metadata) between two chunks."""
+    RUN_BYTES = ranges.RUN_BYTES
+    GAP_BYTES = ranges.GAP_BYTES
+    """At most this much between two entries one request spans: a data descriptor, a longer local extra field, an
+    entry of another array (metadata) between two chunks."""
 
     def __init__(self, fs, depth: int):
         self.fs = fs
@@ -326,35 +325,20 @@ class _ChunkReadAhead:
 
     @classmethod
     def runs(cls, infos: Sequence[zipfile.ZipInfo]) -> list[list[zipfile.ZipInfo]]:
-        """``infos`` (stored entries) grouped into the requests that fetch them: in file order, an entry joins the
-        previous one's request when it begins at most `GAP_BYTES` after that one ends and the request then spans at
-        most `RUN_BYTES`."""
-        out: list[list[zipfile.ZipInfo]] = []
-        end = 0
-        for info in sorted(infos, key=lambda i: i.header_offset):
-            if out and 0 <= info.header_offset - end <= cls.GAP_BYTES and \
-                    _entry_end(info) - out[-1][0].header_offset <= cls.RUN_BYTES:
-                out[-1].append(info)
-            else:
-                out.append([info])
-            end = _entry_end(info)
-        return out
+        """``infos`` (stored entries) grouped into the requests that fetch them (`ranges.runs`)."""
+        return ranges.runs(infos, _extent, cls.GAP_BYTES, cls.RUN_BYTES)
 
-    def submit(self, path: str, infos: Sequence[zipfile.ZipInfo]) -> dict[str, "_Fetched"]:
-        """Fetch stored entries ``infos`` of the zip at ``path`` (one request per `runs` group); {name: _Fetched}."""
-        out: dict[str, _Fetched] = {}
-        for run in self.runs(infos):
-            shared = _Run(self.pool.submit(self._fetch_run, path, run), len(run))
-            out.update((info.filename, _Fetched(shared, info.filename)) for info in run)
-        return out
+    def submit(self, path: str, infos: Sequence[zipfile.ZipInfo]) -> dict[str, ranges.Fetched]:
+        """Fetch stored entries ``infos`` of the zip at ``path`` (a request per `runs` group); {name: its Fetched}."""
+        return ranges.submit(self.pool, lambda run: self._fetch_run(path, run), infos, _extent,
+                             lambda info: info.filename, self.GAP_BYTES, self.RUN_BYTES)
 
     def _fetch_run(self, path: str, run: Sequence[zipfile.ZipInfo]) -> dict[str, Any]:
         """{name: the entry's bytes, or the exception reading it raised} for the entries of one request: each judged
         as zipfile judges it when it reads the entry itself (`stored_entry`: its checks and its words), so that a
-        damaged entry is rejected alike with read-ahead and without. An outage while fetching the request itself
-        is raised (for all of them)."""
+        damaged entry is rejected alike with read-ahead and without. An outage fetching the request is raised."""
         start = run[0].header_offset
-        asked = _entry_end(run[-1]) + self.SLACK
+        asked = _extent(run[-1])[1] + self.SLACK
         data = memoryview(self._range(path, start, asked))
 
         def read(a: int, b: int) -> Any:
@@ -374,7 +358,7 @@ class _ChunkReadAhead:
         def cat_file(path: str, start: int, end: int) -> bytes:
             if self.stop.is_set():
                 raise ReadAbandoned("the reader stopped")  # not transient: the retries end here
-            return self.fs.cat_file(path, start=start, end=end)
+            return read_range(self.fs, path, start, end)
 
         return retrying(cat_file)(path, start, end)
 
@@ -383,38 +367,12 @@ class _ChunkReadAhead:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _entry_end(info: zipfile.ZipInfo) -> int:
-    """Where stored entry ``info`` ends in its zip by the central directory (local header, name, extra, data): the
-    next entry's offset in a zip written in one pass without data descriptors, as zarr's ZipStore writes them."""
+def _extent(info: zipfile.ZipInfo) -> tuple[int, int]:
+    """Where stored entry ``info`` lies in its zip by the central directory (local header, name, extra, data): its
+    end is the next entry's offset in a zip written in one pass without data descriptors, as zarr's ZipStore writes."""
     name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-    return info.header_offset + zipfile.sizeFileHeader + len(name) + len(info.extra) + info.compress_size
-
-
-class _Run:
-    """One request's future and how many of its entries are still wanted (cancelled when none is)."""
-
-    def __init__(self, future: Future, entries: int):
-        self.future, self.wanted = future, entries
-
-
-class _Fetched:
-    """An entry fetched ahead within a request (`_ChunkReadAhead.submit`): `result` gives its bytes or raises
-    what reading it raised; `cancel` gives it up (the request too, once none of its entries is wanted)."""
-
-    def __init__(self, run: _Run, name: str):
-        self.run, self.name = run, name
-
-    def result(self) -> Any:
-        got = self.run.future.result()  # an outage fetching the request: raised for every entry in it
-        value = got.pop(self.name)  # not kept past its use: the request's buffer goes once all entries are taken
-        if isinstance(value, BaseException):
-            raise value
-        return value
-
-    def cancel(self) -> None:
-        self.run.wanted -= 1
-        if self.run.wanted <= 0:
-            self.run.future.cancel()
+    size = zipfile.sizeFileHeader + len(name) + len(info.extra) + info.compress_size
+    return info.header_offset, info.header_offset + size
 
 
 class _LocationCache:

@@ -47,9 +47,10 @@ from pipeline.sources.base import (
     WorkItem,
     pair_by_date,
 )
+from pipeline.sources import ranges
 from pipeline.sources.wds_tar import MemberRef, TarIndex, index_tar, open_ranged, read_member
 from pipeline.sources.zarr_member import MEMBER_EXT, Location, decode_member
-from pipeline.storage import ReadAbandoned, StorageUnavailable, is_local, redact_url, retrying
+from pipeline.storage import ReadAbandoned, StorageUnavailable, is_local, read_range, redact_url, retrying
 
 S2_LEVEL_FOLDERS = {"L1C": "S2L1C", "L2A": "S2L2A"}
 """The S2 product folder of each ``--s2-product``, as both releases name them."""
@@ -240,10 +241,11 @@ class ZarrWebDataset(Source):
             finally:
                 tars.close()
             return
-        # An object store: a member is one range request, and a request costs a round trip (tens of ms) before its
-        # first byte. The members of the next `read_ahead` locations are fetched on threads, a location's S1 and
-        # S2 at the same time, while this one is decoded, checked and written, so the worker waits on the store
-        # only when the store is slower than it.
+        # An object store: a member is a range request, and a request costs a round trip (tens of ms) before its
+        # first byte. The locations to come are fetched on threads in batches of `read_ahead` (the next batch once a
+        # batch's first location is in), their S1 and S2 members at the same time, and the members of a batch that
+        # lie side by side in their tar (consecutive locations) in one request of up to 8 MB (`ranges`), while this
+        # location is decoded, checked and written: the worker waits on the store only when it is slower than it.
         depth = self.options.read_ahead
         if depth <= 0:  # no read-ahead: each location's requests when it comes
             for i, j in spans:
@@ -251,24 +253,17 @@ class ZarrWebDataset(Source):
             return
         pool = ThreadPoolExecutor(2 * depth, thread_name_prefix="member-fetch")
         stop = threading.Event()
-
-        def submit(item: WorkItem) -> dict[str, Any]:
-            return {tag: pool.submit(_attempt, self._fetch_range, path, ref, stop) for tag, path, ref in _members(item)}
-
+        batches = [spans[k:k + depth] for k in range(0, len(spans), depth)]
         try:
-            ahead: deque = deque()
-            spans_left = iter(spans)
-            for i, j in spans_left:
-                ahead.append((i, j, submit(items[i])))
-                if len(ahead) >= depth:
-                    break
+            ahead: deque = deque(self._submit_batch(pool, items, batches[0], stop) if batches else ())
+            next_batch = 1
             while ahead:
                 i, j, fetched = ahead.popleft()
                 # StorageUnavailable (an outage past the window) propagates from here
-                members = {tag: future.result() for tag, future in fetched.items()}
-                nxt = next(spans_left, None)
-                if nxt is not None:
-                    ahead.append((*nxt, submit(items[nxt[0]])))
+                members = {tag: _attempt(f.result) if isinstance(f, ranges.Fetched) else f for tag, f in fetched.items()}
+                if (i, j) == batches[next_batch - 1][0] and next_batch < len(batches):
+                    ahead.extend(self._submit_batch(pool, items, batches[next_batch], stop))
+                    next_batch += 1
                 yield from self._read_location(items[i:j], split, members)
         finally:
             # A reader that stops early (an error downstream, an outage) leaves nothing behind: fetches not
@@ -278,6 +273,38 @@ class ZarrWebDataset(Source):
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def _submit_batch(self, pool: ThreadPoolExecutor, items: Sequence[WorkItem], batch: Sequence[tuple[int, int]],
+                      stop: threading.Event) -> list[tuple[int, int, dict[str, Any]]]:
+        """Fetch the members of the locations ``batch`` ([i, j) spans of ``items``) on ``pool``, a request per
+        `ranges.runs` group of each tar; [(i, j, {"s1"/"s2": its `ranges.Fetched`, or b"" for an empty member})]."""
+        wanted: dict[str, list[MemberRef]] = {}
+        for i, _ in batch:
+            for _, path, ref in _members(items[i]):
+                if ref.size:  # an empty member is no request: an empty range is invalid HTTP (`_fetch_range`)
+                    wanted.setdefault(path, []).append(ref)
+        fetched: dict[tuple[str, int, int], ranges.Fetched] = {}
+        for path, refs in wanted.items():
+            fetched.update(ranges.submit(pool, lambda run, path=path: self._fetch_run(path, run, stop),
+                                         dict.fromkeys(refs), _extent, lambda ref, path=path: _where(path, ref)))
+        return [(i, j, {tag: fetched[_where(path, ref)] if ref.size else b"" for tag, path, ref in _members(items[i])})
+                for i, j in batch]
+
+    def _fetch_run(self, path: str, run: Sequence[MemberRef], stop: threading.Event) -> dict[tuple[str, int, int], Any]:
+        """The members ``run`` of the tar at ``path`` (neighbours, none empty) by one ranged request: {`_where`: its
+        bytes (a view of the request's where it holds several), or the EOFError of a member cut short}; a failed
+        request (an outage, a refusal) is raised."""
+        if len(run) == 1:
+            return {_where(path, run[0]): _checked(run[0], self._range(path, *_extent(run[0]), stop))}
+        start = run[0].offset
+        view = memoryview(self._range(path, start, _extent(run[-1])[1], stop))
+        out: dict[tuple[str, int, int], Any] = {}
+        for ref in run:
+            try:
+                out[_where(path, ref)] = _checked(ref, view[ref.offset - start:ref.offset - start + ref.size])
+            except EOFError as err:  # this member only: the tar ends before it does
+                out[_where(path, ref)] = err
+        return out
+
     def _fetch_members(self, item: WorkItem, stop: Optional[threading.Event] = None) -> dict[str, Any]:
         """{"s1"/"s2": member bytes, or the error reading them} of ``item``'s location, by ranged requests;
         once ``stop`` is set, a fetch still retrying gives up at its next attempt."""
@@ -286,16 +313,17 @@ class ZarrWebDataset(Source):
     def _fetch_range(self, path: str, ref: MemberRef, stop: Optional[threading.Event] = None) -> bytes:
         if ref.size == 0:  # no request: an empty range is invalid HTTP, and stores answer it with the whole tar
             return b""
+        return _checked(ref, self._range(path, *_extent(ref), stop))
 
+    def _range(self, path: str, start: int, end: int, stop: Optional[threading.Event] = None) -> bytes:
+        """Bytes [start, end) of ``path`` (fewer where it ends first), retried through transient errors; once
+        ``stop`` is set, a fetch still retrying gives up at its next attempt."""
         def cat_file(path: str, start: int, end: int) -> bytes:
             if stop is not None and stop.is_set():
                 raise ReadAbandoned("the reader stopped")  # not transient: the retries end here
-            return self.fs.cat_file(path, start=start, end=end)
+            return read_range(self.fs, path, start, end)
 
-        data = retrying(cat_file)(path, ref.offset, ref.offset + ref.size)
-        if len(data) != ref.size:
-            raise EOFError(f"member {ref.key}.{MEMBER_EXT} truncated ({len(data)} of {ref.size} bytes)")
-        return data
+        return retrying(cat_file)(path, start, end)
 
     def _read_location(self, items: Sequence[WorkItem], split: str, members: dict[str, Any]) -> Iterator[Result]:
         """The samples of one location from its members' bytes (or the error that reading them gave)."""
@@ -406,6 +434,22 @@ def _members(item: WorkItem) -> list[tuple[str, str, MemberRef]]:
     """(tag, tar path, member) of the S1 and S2 members of ``item``'s location."""
     refs = item.refs
     return [(tag, refs[tag], MemberRef(refs["member"], refs[f"o{tag[1]}"], refs[f"n{tag[1]}"])) for tag in ("s1", "s2")]
+
+
+def _extent(ref: MemberRef) -> tuple[int, int]:
+    return ref.offset, ref.offset + ref.size
+
+
+def _checked(ref: MemberRef, data: Any) -> Any:
+    """``data``, read for member ``ref``, if it is all of it."""
+    if len(data) != ref.size:
+        raise EOFError(f"member {ref.key}.{MEMBER_EXT} truncated ({len(data)} of {ref.size} bytes)")
+    return data
+
+
+def _where(path: str, ref: MemberRef) -> tuple[str, int, int]:
+    """A member's name among those fetched ahead: its tar and place (a key can repeat in a tar)."""
+    return path, ref.offset, ref.size
 
 
 def _attempt(fn: Callable[..., bytes], *args: Any) -> Any:

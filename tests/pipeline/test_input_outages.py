@@ -183,3 +183,55 @@ def test_a_reader_stopped_during_an_outage_leaves_no_fetch_behind(archives, s3_b
     while set(fetchers()) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not set(fetchers()) - before
+
+
+def test_read_ahead_fetches_neighbouring_members_in_one_request(archives, s3_bucket, monkeypatch):
+    """Read ahead, the members of a batch of locations that lie side by side in their tar are one ranged request
+    (`pipeline.sources.ranges`): with a batch as large as the archive, one request per tar; a batch of one location
+    is a request per member, as without read-ahead."""
+    from pipeline.sources import wds_zarr
+
+    url = f"{s3_bucket}/ssl4eo-wds"
+    fresh_s3fs().put(str(archives / "ssl4eo-wds"), url, recursive=True)
+    want, _, _ = _read("ssl4eo-wds", str(archives / "ssl4eo-wds"), SourceOptions())
+    requests = []
+    fetch = wds_zarr.ZarrWebDataset._range
+    monkeypatch.setattr(wds_zarr.ZarrWebDataset, "_range", lambda self, path, start, end, stop=None: requests.append(
+        (path.rsplit("/", 2)[-2], start, end)) or fetch(self, path, start, end, stop))
+    tars = 2 * 2  # two shard names, an S1 and an S2 tar each, three locations in each
+    for depth, expected in ((8, tars), (2, 2 * tars), (1, 6 * 2), (0, 6 * 2)):
+        options = SourceOptions(storage_options={"skip_instance_cache": True}, read_ahead=depth)
+        reader = SOURCES["ssl4eo-wds"](url, options)
+        items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+        requests.clear()
+        got = [(r.key, r.s1.tobytes(), r.s2.tobytes()) for r in reader.read(list(items), "train")]
+        assert got == want and len(requests) == expected, (depth, requests)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 8])
+def test_a_tar_cut_short_after_planning_reads_as_the_local_one(tmp_path, s3_bucket, depth):
+    """A tar that lost its end after planning (replaced while the job ran): with read-ahead the members of one request
+    are judged apart, so the member cut in two and the one past the end are quarantined with the local read's words,
+    and the members before them are read."""
+    import tarfile
+
+    root = tmp_path / "archive"
+    synthetic.make_ssl4eo_wds(root, splits={"train": 1}, samples_per_shard=4, size=18, seed=21)
+    url = f"{s3_bucket}/archive"
+    fresh_s3fs().put(str(root), url, recursive=True)
+    readers = {where: SOURCES["ssl4eo-wds"](where, SourceOptions(storage_options={"skip_instance_cache": True},
+                                                                 read_ahead=depth)) for where in (str(root), url)}
+    planned = {where: r.plan("train", lambda fn, args: [fn(a) for a in args])[0] for where, r in readers.items()}
+    (tar,) = root.glob("train/S2L1C/*.tar")
+    with tarfile.open(tar) as t:
+        third = t.getmembers()[2]
+    cut = tar.read_bytes()[:third.offset_data + third.size // 2]  # the third member cut in two, the fourth gone
+    tar.write_bytes(cut)
+    fresh_s3fs().pipe_file(f"{url}/{tar.relative_to(root)}", cut)
+    results = {where: [(r.key, r.reason, r.detail) if not isinstance(r, Sample) else (r.key, r.s1.tobytes(),
+                                                                                      r.s2.tobytes())
+                       for r in readers[where].read(list(planned[where]), "train")] for where in readers}
+    rejected = [r for r in results[str(root)] if len(r) == 3 and r[1] == "unreadable"]
+    assert len(rejected) == 2 * 4 and all("truncated" in r[2] for r in rejected)  # two locations x 4 time steps
+    assert sum(len(r) == 3 and not isinstance(r[1], str) for r in results[str(root)]) == 2 * 4  # two read
+    assert results[url] == results[str(root)]

@@ -37,3 +37,22 @@ def test_s3_calls_get_bounded_botocore_retries_unless_the_user_sets_them():
 ])
 def test_a_transfer_cut_short_is_transient_and_damaged_content_is_not(error, transient):
     assert is_transient(error) is transient
+
+
+def test_a_range_past_the_end_reads_as_no_bytes_and_other_errors_stay(s3_bucket, tmp_path):
+    """`read_range` reads as a local file does: fewer bytes where the object ends first, none where it ends before
+    the range begins (S3's 416 InvalidRange); any other error (a missing object) is raised as before."""
+    from conftest import fresh_s3fs
+
+    from pipeline.storage import read_range
+
+    s3 = fresh_s3fs()
+    s3.pipe_file(f"{s3_bucket}/ten", bytes(range(10)))
+    (tmp_path / "ten").write_bytes(bytes(range(10)))
+    local, _ = url_to_fs(str(tmp_path))
+    for fs, path in ((s3, f"{s3_bucket}/ten"), (local, str(tmp_path / "ten"))):
+        assert read_range(fs, path, 2, 5) == bytes([2, 3, 4])
+        assert read_range(fs, path, 8, 20) == bytes([8, 9])
+        assert read_range(fs, path, 10, 20) == read_range(fs, path, 15, 20) == b""
+    with pytest.raises(FileNotFoundError):
+        read_range(s3, f"{s3_bucket}/missing", 0, 5)

@@ -315,7 +315,7 @@ def test_requests_span_neighbouring_entries_up_to_their_limits(tmp_path, monkeyp
     with zipfile.ZipFile(path) as zf:
         infos = {i.filename: i for i in zf.infolist()}
     entry = 30 + 1 + 100  # local header, a one-letter name, no extra field, 100 bytes
-    assert ssl4eo_zarr._entry_end(infos["a"]) == infos["b"].header_offset == entry
+    assert ssl4eo_zarr._extent(infos["a"]) == (0, entry) and infos["b"].header_offset == entry
     picked = [infos[n] for n in ("e", "c", "b", "a", "d")]  # not in file order; "meta" not asked for
     runs = lambda: [[i.filename for i in run] for run in ssl4eo_zarr._ChunkReadAhead.runs(picked)]  # noqa: E731
     monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "GAP_BYTES", 0)
