@@ -123,9 +123,10 @@ def set_retry_window(seconds: float) -> None:
 
 def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of ``path``, fewer where it ends first, none where it ends before ``start``: what a local
-    file's read gives. An object store answers a range that begins past the end with 416 InvalidRange, which s3fs
-    raises as an OSError (EINVAL) caused by botocore's ClientError; that one error, and only it, is read as no
-    bytes, so that a member or entry past the end of an object cut short is judged by its length, as locally."""
+    file's read gives. S3 answers a range that begins past the end with 416 InvalidRange, which s3fs raises as an
+    OSError (EINVAL) caused by botocore's ClientError; that one error, and only it, is read as no bytes, so that a
+    member or entry past the end of an object cut short is judged by its length, as locally. (Other stores' 416,
+    gcsfs's or HTTP's, is still raised: judged as unreadable, with the store's words.)"""
     try:
         return fs.cat_file(path, start=start, end=end)
     except OSError as err:

@@ -51,20 +51,24 @@ class Run:
 
 
 class Fetched:
-    """One piece of a request (`submit`): `result` gives its value, or raises what fetching the request or judging
-    the piece raised; `cancel` gives the piece up, and the request too once none of its pieces is wanted."""
+    """One piece of a request (`submit`): `result` gives its value (a view of the request's bytes, which stay in
+    memory while any piece of the request is held), or raises what fetching the request or judging the piece raised,
+    as often as it is asked; `cancel` gives the piece up, and the request too once none of its pieces is wanted."""
 
     def __init__(self, run: Run, name: Hashable):
         self.run, self.name = run, name
+        self._given_up = False
 
     def result(self) -> Any:
-        values = self.run.future.result()  # a failed request (an outage, a refusal): raised for each of its pieces
-        value = values.pop(self.name)  # not kept past its use: the request's bytes go once every piece is taken
+        value = self.run.future.result()[self.name]  # a failed request (an outage, a refusal): raised for each piece
         if isinstance(value, BaseException):
             raise value
         return value
 
     def cancel(self) -> None:
+        if self._given_up:
+            return
+        self._given_up = True
         self.run.wanted -= 1
         if self.run.wanted <= 0:
             self.run.future.cancel()
@@ -74,9 +78,13 @@ def submit(pool: Executor, fetch_run: Callable[[Sequence[P]], dict[Hashable, Any
            extent: Callable[[P], tuple[int, int]], name: Callable[[P], Hashable], gap_bytes: int = GAP_BYTES,
            run_bytes: int = RUN_BYTES) -> dict[Hashable, Fetched]:
     """Fetch ``pieces`` of one object on ``pool``, one request per `runs` group: ``fetch_run(run)`` makes the request
-    and returns each piece's value (or the exception judging it gave) by ``name(piece)``. {name: `Fetched`}."""
+    and returns each piece's value (or the exception judging it gave) by ``name(piece)``. A piece asked for more than
+    once (a chunk holding several locations, a location read twice) is fetched once. {name: `Fetched`}."""
+    unique: dict[Hashable, P] = {}
+    for piece in pieces:
+        unique.setdefault(name(piece), piece)
     out: dict[Hashable, Fetched] = {}
-    for run in runs(pieces, extent, gap_bytes, run_bytes):
+    for run in runs(unique.values(), extent, gap_bytes, run_bytes):
         shared = Run(pool.submit(fetch_run, run), len(run))
         out.update((name(piece), Fetched(shared, name(piece))) for piece in run)
     return out

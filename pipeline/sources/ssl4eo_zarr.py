@@ -282,7 +282,7 @@ class _ZipEntries(Mapping):
         self.ahead: dict[str, ranges.Fetched] = {}
         """Entries being fetched on `_ChunkReadAhead`'s threads, taken (and waited for) when asked for."""
 
-    def __getitem__(self, name: str) -> bytes:
+    def __getitem__(self, name: str) -> Any:  # bytes, or a view of a read-ahead request's bytes
         if name not in self._names:
             raise KeyError(name)
         fetched = self.ahead.pop(name, None)
@@ -611,8 +611,8 @@ class SSL4EOZarr(Source):
         p1, p2 = items[0].refs["s1"], items[0].refs["s2"]
         order1, order2 = orders
         # the locations in the order the items come, in batches of read_ahead: `ahead` fetches the first batch, and the
-        # next one each time a batch's first location is in, so that read_ahead to 2 x read_ahead locations are in
-        # flight while one is decoded and written, and a batch's chunks that lie side by side are one request
+        # next one each time a batch's first location is in, so that up to 2 x read_ahead - 1 locations are in flight
+        # while one is decoded and written, and a batch's chunks that lie side by side are one request
         depth = self.options.read_ahead if ahead is not None else 0
         locations = list(dict.fromkeys((it.refs["i1"], it.refs["i2"]) for it in items))
         batches = [locations[k:k + depth] for k in range(0, len(locations), depth)] if depth else []

@@ -284,8 +284,8 @@ class ZarrWebDataset(Source):
                     wanted.setdefault(path, []).append(ref)
         fetched: dict[tuple[str, int, int], ranges.Fetched] = {}
         for path, refs in wanted.items():
-            fetched.update(ranges.submit(pool, lambda run, path=path: self._fetch_run(path, run, stop),
-                                         dict.fromkeys(refs), _extent, lambda ref, path=path: _where(path, ref)))
+            fetched.update(ranges.submit(pool, lambda run, path=path: self._fetch_run(path, run, stop), refs, _extent,
+                                         lambda ref, path=path: _where(path, ref)))  # a member wanted twice: once
         return [(i, j, {tag: fetched[_where(path, ref)] if ref.size else b"" for tag, path, ref in _members(items[i])})
                 for i, j in batch]
 

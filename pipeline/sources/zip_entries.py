@@ -7,7 +7,8 @@ a copy and ~25 us of Python per entry):
 
 - `pipeline.sources.zarr_member`: a WebDataset member (``<key>.zarr.zip``) is in memory, so each entry is a
   `memoryview` of it (no copy);
-- `pipeline.sources.ssl4eo_zarr`: chunk files on an object store are read ahead, one ranged request per entry.
+- `pipeline.sources.ssl4eo_zarr`: chunk files on an object store are read ahead, entries that lie side by side in
+  one ranged request (`pipeline.sources.ranges`), each entry a view of its request's bytes.
 
 `stored_entry` makes zipfile's checks of a stored entry with zipfile's words, so a damaged entry is rejected alike
 either way: the local header's magic, the name in the local header against the central directory's, an entry

@@ -235,3 +235,22 @@ def test_a_tar_cut_short_after_planning_reads_as_the_local_one(tmp_path, s3_buck
     assert len(rejected) == 2 * 4 and all("truncated" in r[2] for r in rejected)  # two locations x 4 time steps
     assert sum(len(r) == 3 and not isinstance(r[1], str) for r in results[str(root)]) == 2 * 4  # two read
     assert results[url] == results[str(root)]
+
+
+def test_a_location_read_twice_within_a_batch_reads_alike(archives, s3_bucket):
+    """Items of one location that are not consecutive (A's first time steps, then B, then the rest of A) make A a
+    location twice in one batch: its members are fetched once and each of its spans gets them."""
+    url = f"{s3_bucket}/ssl4eo-wds"
+    fresh_s3fs().put(str(archives / "ssl4eo-wds"), url, recursive=True)
+
+    def read(where: str, options: SourceOptions) -> list:
+        reader = SOURCES["ssl4eo-wds"](where, options)
+        items, _ = reader.plan("train", lambda fn, args: [fn(a) for a in args])
+        assert items[0].sample_id == items[3].sample_id != items[4].sample_id  # 4 time steps a location
+        items = items[:2] + items[4:8] + items[2:4] + items[8:]
+        return [(r.key, r.s1.tobytes(), r.s2.tobytes()) if isinstance(r, Sample) else (r.key, r.reason, r.detail)
+                for r in reader.read(items, "train")]
+
+    local = read(str(archives / "ssl4eo-wds"), SourceOptions())
+    assert all(len(r) == 3 and isinstance(r[1], bytes) for r in local) and len(local) == 6 * 4
+    assert read(url, SourceOptions(storage_options={"skip_instance_cache": True}, read_ahead=4)) == local

@@ -280,10 +280,10 @@ def test_reading_ahead_on_s3_gives_the_local_samples_and_rejections(on_s3, monke
     assert len(local[0]) == 2 * 3 * 4 - 4 and len(lost) == 4 and {r for _, r, _ in local[1]} == {"unreadable"}
     assert all("Bad CRC-32 for file 'bands/1.0.0.0.0'" in detail for _, _, detail in local[1])
     runs, requests, read_by_zipfile = [], [], []
-    submit, fetch, zip_read = (ssl4eo_zarr._ChunkReadAhead.submit, ssl4eo_zarr._ChunkReadAhead._range,
-                               zipfile.ZipFile.read)
-    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "submit", lambda self, path, infos: runs.extend(
-        [i.filename for i in run] for run in self.runs(infos)) or submit(self, path, infos))
+    fetch_run, fetch, zip_read = (ssl4eo_zarr._ChunkReadAhead._fetch_run, ssl4eo_zarr._ChunkReadAhead._range,
+                                  zipfile.ZipFile.read)
+    monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "_fetch_run", lambda self, path, run: runs.append(
+        [i.filename for i in run]) or fetch_run(self, path, run))
     monkeypatch.setattr(ssl4eo_zarr._ChunkReadAhead, "_range", lambda self, path, start, end: requests.append(
         (path, start, end)) or fetch(self, path, start, end))
     monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: (
@@ -330,35 +330,66 @@ def test_requests_span_neighbouring_entries_up_to_their_limits(tmp_path, monkeyp
 
 
 def test_a_request_read_ahead_judges_each_entry_apart(tmp_path):
-    """Each entry of one request is checked as zipfile checks it, its damage its own: an intact entry, one with a
-    flipped byte, and last one whose local header has an extra field the directory lacks (longer than SLACK: the
-    rest of it is a second request; in the middle of a request the next entry's bytes would hold it)."""
+    """Each entry of one request is checked as zipfile checks it, its damage its own: intact entries, one with a
+    flipped byte, and two whose local header has an extra field the directory lacks (longer than SLACK): in the
+    middle of the request the next entry's bytes hold the rest, for the last one the rest is a second request."""
     import fsspec
 
     path = tmp_path / "a.zip"
     payload = bytes(range(256)) * 4
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("a", payload)
-        zf.writestr("b", payload)
-        with zf.open(zipfile.ZipInfo("c"), "w", force_zip64=True) as f:  # a local zip64 extra field only
-            f.write(payload[::-1])
-    _flip_a_byte_of(path, "b")
+        for name in ("b", "c", "d"):
+            if name == "c":
+                zf.writestr(name, payload)
+                continue
+            with zf.open(zipfile.ZipInfo(name), "w", force_zip64=True) as f:  # a local zip64 extra field only
+                f.write(payload[::-1])
+    _flip_a_byte_of(path, "c")
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
-        assert [len(i.extra) for i in infos] == [0, 0, 0] and zf.read("c") == payload[::-1]
+        assert [len(i.extra) for i in infos] == [0, 0, 0, 0] and zf.read("b") == zf.read("d") == payload[::-1]
     requests = []
     ahead = ssl4eo_zarr._ChunkReadAhead(fsspec.filesystem("file"), 1)
     fetch = ahead._range
     ahead._range = lambda *a: requests.append(a) or fetch(*a)
-    ahead.SLACK = 0  # so that the local extra field is more than the request holds
+    ahead.SLACK = 0  # so that a local extra field is more than the request holds for its entry
     try:
         got = ahead.submit(str(path), infos)
-        assert bytes(got["a"].result()) == payload and bytes(got["c"].result()) == payload[::-1]
-        with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32 for file 'b'"):
-            got["b"].result()
-        assert len(requests) == 2  # the three entries, then the rest of "c"
+        assert bytes(got["a"].result()) == payload
+        assert bytes(got["b"].result()) == bytes(got["d"].result()) == payload[::-1]
+        with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32 for file 'c'"):
+            got["c"].result()
+        assert len(requests) == 2  # the four entries, then the rest of "d"
     finally:
         ahead.close()
+
+
+def test_a_chunk_holding_several_locations_is_fetched_once(tmp_path):
+    """Where a chunk holds two locations, a batch asks for it twice: one request, the chunk in it once, and every
+    location reads its row of it."""
+    import fsspec
+
+    bands = np.arange(4 * 2 * 5 * 5, dtype=np.int16).reshape(4, 2, 5, 5)
+    path = tmp_path / "two-locations-a-chunk.zarr.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in _store(bands, (2, 2, 5, 5)).items():
+            zf.writestr(name, data)
+    fs = fsspec.filesystem("file")
+    cubes, ahead = ssl4eo_zarr._Cubes(fs, str(path)), ssl4eo_zarr._ChunkReadAhead(fs, 4)
+    requests = []
+    fetch = ahead._range
+    ahead._range = lambda *a: requests.append(a) or fetch(*a)
+    try:
+        assert cubes._reader is not None
+        cubes.fetch_ahead([0, 1, 2, 3], ahead)
+        assert sorted(cubes._entries.ahead) == ["bands/0.0.0.0", "bands/1.0.0.0"]
+        for i in range(4):
+            np.testing.assert_array_equal(cubes.location(i), bands[i])
+        assert len(requests) == 1  # both chunks, side by side, each once
+    finally:
+        ahead.close()
+        cubes.close()
 
 
 def _through_the_proxy(tmp_path, s3_bucket, store_proxy, monkeypatch, window_s: float, seed: int):
