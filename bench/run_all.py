@@ -124,6 +124,15 @@ def _remote_input(r: dict[str, Any]) -> list[Headline]:
     return out
 
 
+def _upload(r: dict[str, Any]) -> list[Headline]:
+    runs = r["runs"]
+    peak = {v: max(x["peak_over_before"] for x in runs if x["variant"] == v) for v in ("s3fs", "put_atomic")}
+    best = {v: min(x["seconds"] for x in runs if x["variant"] == v) for v in ("s3fs", "put_atomic")}
+    return [(f"uploading a {r['setup']['file_mib']} MiB shard to S3: peak memory, put_atomic / s3fs defaults",
+             f"{peak['put_atomic'] / peak['s3fs']:.2f}x"),
+            ("the same: time", f"{best['put_atomic'] / best['s3fs']:.2f}x")]
+
+
 @dataclass
 class Bench:
     script: str
@@ -143,6 +152,7 @@ BENCHES: dict[str, Bench] = {
     "planning": Bench("bench_planning.py", _planning, quick=["--files", "40", "--workers", "1"]),
     "remote_input": Bench("bench_remote_input.py", _remote_input,
                           quick=["--samples", "32", "--latency-ms", "20", "--depths", "0", "4"]),
+    "upload": Bench("bench_upload.py", _upload, quick=["--mb", "64", "--repeat", "1"]),
     "checkpoint": Bench("bench_checkpoint.py", _checkpoint, quick=["--size", "tiny", "--steps", "12", "--every", "4"]),
     "zero_memory": Bench("bench_zero_memory.py", _zero_memory, quick=["--size", "tiny", "--steps", "2"]),
     "label_subset": Bench("bench_label_subset.py", _label_subset, quick=["--patches", "200", "--fraction", "0.05"]),

@@ -310,13 +310,33 @@ def sha256_remote(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22
     return h.hexdigest()
 
 
+UPLOAD_PART_BYTES = 8 << 20
+"""Part size of a multipart upload to S3, and `UPLOAD_CONCURRENCY` parts at a time: boto3's and the AWS CLI's
+defaults (``TransferConfig``: multipart_chunksize 8 MB, max_concurrency 10), within S3's guidance for part and range
+sizes (8-16 MB), and the loader's 16 MiB ranged reads (`launch.data.reader`) fall on part boundaries. s3fs's own
+defaults, 50 MiB parts read 10 at a time, held ~1 GiB in memory for a 512 MiB shard, per worker
+(bench/bench_upload.py)."""
+UPLOAD_CONCURRENCY = 10
+MAX_UPLOAD_PARTS = 10_000
+"""S3's limit of parts per upload: past 10,000 x 8 MiB (~78 GiB) the parts grow to fit."""
+
+
+def upload_options(fs: fsspec.AbstractFileSystem, size: int) -> dict[str, Any]:
+    """``put_file`` options for a file of ``size`` bytes: part size and parts in flight on S3 (`UPLOAD_PART_BYTES`),
+    none elsewhere (other stores take their own)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "s3" not in protocols:
+        return {}
+    return {"chunksize": max(UPLOAD_PART_BYTES, -(-size // MAX_UPLOAD_PARTS)), "max_concurrency": UPLOAD_CONCURRENCY}
+
+
 def put_atomic(fs: fsspec.AbstractFileSystem, local_path: str, dest: str) -> None:
     """Publish a local file at ``dest`` so that no reader ever sees it half-written.
 
     On a local filesystem: copy to a hidden temporary name beside ``dest``, then
     rename (atomic within one filesystem). On object stores a PUT (single or
     multipart) only becomes visible once complete, so the upload goes straight
-    to ``dest``.
+    to ``dest``, on S3 in parts of `UPLOAD_PART_BYTES`.
     """
     parent = dest.rsplit("/", 1)[0]
     if is_local(fs):
@@ -329,7 +349,7 @@ def put_atomic(fs: fsspec.AbstractFileSystem, local_path: str, dest: str) -> Non
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        retrying(fs.put_file)(local_path, dest)
+        retrying(fs.put_file)(local_path, dest, **upload_options(fs, os.path.getsize(local_path)))
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, dest: str, data: bytes, durable: bool = True) -> None:

@@ -1,7 +1,7 @@
 """The Ray side of a split: one task per shard, scheduled from the driver with a bounded number in flight.
 
 A shard task streams its samples into a local tar and publishes it in one step (a
-rename on a local output, one PUT on an object store), then writes its progress
+rename on a local output, one upload on an object store), then writes its progress
 record: a record means the shard is complete, so a killed run loses at most the
 shards that were in flight.
 """
@@ -133,7 +133,7 @@ def build_shard(spec: SourceSpec, split: str, task: ShardTask, out_url: str,
     fs, root = url_to_fs(out_url, storage_options)
     tally = _Tally(BandMoments.zeros(len(source.s1_bands)), BandMoments.zeros(len(source.s2_bands)))
     # A local output gets the tar written beside its final name and renamed (one write, atomic);
-    # an object store gets it staged on the worker's disk and uploaded in one PUT.
+    # an object store gets it staged on the worker's disk and uploaded (`put_atomic`: in 8 MiB parts on S3).
     tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root if is_local(fs) else None)
     try:
         local = os.path.join(tmp, task.name)

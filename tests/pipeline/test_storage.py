@@ -4,6 +4,7 @@ of a transfer cut short are transient, those of the content are not."""
 from __future__ import annotations
 
 import http.client
+import os
 import zipfile
 
 import aiohttp
@@ -56,3 +57,28 @@ def test_a_range_past_the_end_reads_as_no_bytes_and_other_errors_stay(s3_bucket,
         assert read_range(fs, path, 10, 20) == read_range(fs, path, 15, 20) == b""
     with pytest.raises(FileNotFoundError):
         read_range(s3, f"{s3_bucket}/missing", 0, 5)
+
+
+def test_uploads_to_s3_go_in_parts_of_8_mib_and_elsewhere_as_the_store_likes(s3_bucket, tmp_path):
+    """`put_atomic` uploads to S3 in parts of `UPLOAD_PART_BYTES` (s3fs's 50 MiB parts, 10 read at once, held ~1 GiB
+    for a 512 MiB shard): a multipart object's ETag ends in its part count. Past S3's 10,000 parts the parts grow;
+    other stores get no S3 options."""
+    import boto3
+    import fsspec
+    from conftest import fresh_s3fs
+
+    from pipeline.storage import MAX_UPLOAD_PARTS, UPLOAD_PART_BYTES, put_atomic, upload_options
+
+    data = os.urandom(2 * UPLOAD_PART_BYTES + 12345)
+    (tmp_path / "shard.tar").write_bytes(data)
+    s3 = fresh_s3fs()
+    put_atomic(s3, str(tmp_path / "shard.tar"), f"{s3_bucket}/shards/shard.tar")
+    assert s3.cat_file(f"{s3_bucket}/shards/shard.tar") == data
+    head = boto3.client("s3").head_object(Bucket=s3_bucket.removeprefix("s3://"), Key="shards/shard.tar")
+    assert head["ETag"].strip('"').endswith("-3")  # 8 MiB, 8 MiB and the rest
+    huge = 100 * MAX_UPLOAD_PARTS * UPLOAD_PART_BYTES
+    assert upload_options(s3, huge)["chunksize"] * MAX_UPLOAD_PARTS >= huge
+    memory = fsspec.filesystem("memory")
+    assert upload_options(memory, len(data)) == {}
+    put_atomic(memory, str(tmp_path / "shard.tar"), "/out/shard.tar")
+    assert memory.cat_file("/out/shard.tar") == data
