@@ -133,6 +133,17 @@ def _upload(r: dict[str, Any]) -> list[Headline]:
             ("the same: time", f"{best['put_atomic'] / best['s3fs']:.2f}x")]
 
 
+def _cache_download(r: dict[str, Any]) -> list[Headline]:
+    rows = r["rows"]
+    seq = min(x["seconds"] for x in rows if x["way"] == "sequential")
+    out = []
+    for streams in sorted({x["streams"] for x in rows if x["way"] == "ranged"}):
+        best = min(x["seconds"] for x in rows if x["way"] == "ranged" and x["streams"] == streams)
+        out.append((f"copying a shard into the node cache, {streams} ranged requests in flight / one connection",
+                    f"{seq / best:.2f}x"))
+    return out
+
+
 @dataclass
 class Bench:
     script: str
@@ -153,6 +164,7 @@ BENCHES: dict[str, Bench] = {
     "remote_input": Bench("bench_remote_input.py", _remote_input,
                           quick=["--samples", "32", "--latency-ms", "20", "--depths", "0", "4"]),
     "upload": Bench("bench_upload.py", _upload, quick=["--mb", "64", "--repeat", "1"]),
+    "cache_download": Bench("bench_cache_download.py", _cache_download, quick=["--mb", "32", "--repeat", "1"]),
     "checkpoint": Bench("bench_checkpoint.py", _checkpoint, quick=["--size", "tiny", "--steps", "12", "--every", "4"]),
     "zero_memory": Bench("bench_zero_memory.py", _zero_memory, quick=["--size", "tiny", "--steps", "2"]),
     "label_subset": Bench("bench_label_subset.py", _label_subset, quick=["--patches", "200", "--fraction", "0.05"]),

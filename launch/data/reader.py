@@ -27,7 +27,9 @@ import random
 import tarfile
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
@@ -36,8 +38,8 @@ from torch.utils.data import get_worker_info
 from pipeline.manifest import ShardInfo
 from launch.data.buffers import NPY_HEADER_ROOM, SampleArena
 from pipeline.shards import MEMBERS, Member, ShardFormatError, iter_samples, npy_layout, npy_view
-from pipeline.storage import (StorageUnavailable, is_local, is_transient, redact_url, retry_window_s, retrying,
-                              url_to_fs)
+from pipeline.storage import (StorageUnavailable, is_local, is_transient, read_range, redact_url, retry_window_s,
+                              retrying, url_to_fs)
 
 try:  # POSIX file locks keep two workers of one node from downloading the same shard twice
     import fcntl
@@ -446,23 +448,62 @@ class ShardReader:
         return None
 
     def _download(self, fs: Any, path: str, shard: ShardInfo, dest: str) -> bool:
-        tmp = f"{os.path.dirname(dest)}/.{shard.name}.{uuid.uuid4().hex}.tmp"
-        sha, size = hashlib.sha256(), 0
-        try:
-            with fs.open(path, "rb", block_size=self.spec.block_size) as src, open(tmp, "wb") as out:
-                while chunk := src.read(self.spec.block_size):
-                    sha.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            if size != shard.bytes or sha.hexdigest() != shard.sha256:
-                self.warn(f"not caching {redact_url(shard.url)}: {size} bytes, sha256 {sha.hexdigest()[:12]}…, "
-                          f"the manifest says {shard.bytes} bytes, {(shard.sha256 or '')[:12]}…")
-                return False
-            os.replace(tmp, dest)  # atomic: readers see the whole checked file or nothing
-            return True
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        problem = download_verified(fs, path, shard, dest, self.spec.block_size)
+        if problem is not None:
+            self.warn(f"not caching {redact_url(shard.url)}: {problem}")
+        return problem is None
+
+
+DOWNLOAD_STREAMS = 4
+"""Ranged requests in flight while a shard is copied into the node cache, each a block (16 MiB: 64 MiB held). One
+connection to an object store carries ~50-100 MB/s, so a 512 MiB shard read block after block takes 5-10 s; S3's
+guidance is parallel byte-range fetches of 8-16 MB ("Use Byte-Range Fetches"). bench/bench_cache_download.py."""
+
+
+def download_verified(fs: Any, path: str, shard: ShardInfo, dest: str, block: int = DEFAULT_BLOCK_SIZE,
+                      streams: int = DOWNLOAD_STREAMS) -> Optional[str]:
+    """Copy ``path`` to ``dest`` if it is ``shard`` (its size, then the sha256 of what was read, against the
+    manifest's), by ranged reads of ``block`` bytes, ``streams`` in flight, written and hashed in order; atomic:
+    ``dest`` is the whole checked file or absent. None when done, else what did not match. Storage errors are
+    raised (the caller retries the transient ones)."""
+    size = fs.size(path)
+    if size != shard.bytes:
+        return f"{size} bytes, the manifest says {shard.bytes} bytes"
+    tmp = f"{os.path.dirname(dest)}/.{shard.name}.{uuid.uuid4().hex}.tmp"
+    sha, got = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in _blocks_in_order(fs, path, size, block, streams):
+                sha.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+        if got != shard.bytes or sha.hexdigest() != shard.sha256:
+            return (f"{got} bytes, sha256 {sha.hexdigest()[:12]}…, the manifest says {shard.bytes} bytes, "
+                    f"{(shard.sha256 or '')[:12]}…")
+        os.replace(tmp, dest)  # atomic: readers see the whole checked file or nothing
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _blocks_in_order(fs: Any, path: str, size: int, block: int, streams: int) -> Iterator[bytes]:
+    """The bytes of ``path`` up to ``size``, block by block in order, ``streams`` blocks fetched at once; a block the
+    object ends early in is short (and the rest empty). A failed request is raised; the others are cancelled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = iter(range(0, size, block))
+    pool = ThreadPoolExecutor(max(1, streams), thread_name_prefix="cache-download")
+    try:
+        ahead = deque(pool.submit(read_range, fs, path, s, min(s + block, size)) for s in islice(starts, streams))
+        while ahead:
+            data = ahead.popleft().result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                ahead.append(pool.submit(read_range, fs, path, nxt, min(nxt + block, size)))
+            yield data
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _size(path: str) -> int:

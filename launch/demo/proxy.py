@@ -10,7 +10,10 @@ every byte a client exchanges with the store passes through it:
 - `faults(probability, kind)` resets a fraction of new connections or answers
   them with ``503 SlowDown``, as a throttled store does;
 - `latency(seconds)` holds every chunk a client sends for that long before
-  relaying it: a round trip added to each request, as a distant store has.
+  relaying it: a round trip added to each request, as a distant store has;
+- `bandwidth(bytes_per_s)` holds each connection's responses to that rate: what
+  one connection to an object store carries (~50-100 MB/s to S3), so that requests
+  in parallel go faster than one after another, as they do there.
 
 Loopback only; it stops with its ``with`` block (daemon threads, no retries of its own).
 """
@@ -47,6 +50,7 @@ class StoreProxy:
         self.triggered_at: Optional[float] = None
         self._fault_probability, self._fault_kind = 0.0, "reset"
         self._latency = 0.0
+        self._bandwidth = 0.0
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._open: set[socket.socket] = set()
@@ -84,6 +88,12 @@ class StoreProxy:
         if seconds < 0:
             raise ValueError(f"latency must be >= 0 s, got {seconds}")
         self._latency = seconds
+
+    def bandwidth(self, bytes_per_s: float) -> None:
+        """Relay at most ``bytes_per_s`` from the upstream on each connection (0: no limit)."""
+        if bytes_per_s < 0:
+            raise ValueError(f"bandwidth must be >= 0, got {bytes_per_s}")
+        self._bandwidth = float(bytes_per_s)
 
     @property
     def down(self) -> bool:
@@ -131,6 +141,7 @@ class StoreProxy:
         _close(client)
 
     def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
+        ready = time.monotonic()  # with a bandwidth: when this connection may send its next byte
         try:
             while data := src.recv(1 << 16):
                 if not down and self._trigger is not None and self._trigger[0] in data:
@@ -142,6 +153,11 @@ class StoreProxy:
                     time.sleep(self._latency)
                 if self.down:
                     return
+                if down and self._bandwidth:  # each chunk waits its time on the wire; no credit for idle time
+                    now = time.monotonic()
+                    ready = max(ready, now) + len(data) / self._bandwidth
+                    if ready > now:
+                        time.sleep(ready - now)
                 dst.sendall(data)
                 with self._lock:
                     if down:
