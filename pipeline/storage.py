@@ -311,23 +311,25 @@ def sha256_remote(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22
 
 
 UPLOAD_PART_BYTES = 8 << 20
-"""Part size of a multipart upload to S3, and `UPLOAD_CONCURRENCY` parts at a time: boto3's and the AWS CLI's
-defaults (``TransferConfig``: multipart_chunksize 8 MB, max_concurrency 10), within S3's guidance for part and range
-sizes (8-16 MB), and the loader's 16 MiB ranged reads (`launch.data.reader`) fall on part boundaries. s3fs's own
-defaults, 50 MiB parts read 10 at a time, held ~1 GiB in memory for a 512 MiB shard, per worker
-(bench/bench_upload.py)."""
-UPLOAD_CONCURRENCY = 10
+"""Part size of a multipart upload to S3: boto3's and the AWS CLI's default (``TransferConfig``: multipart_chunksize
+8 MB), within S3's guidance for part and range sizes (8-16 MB); the loader's 16 MiB ranged reads
+(`launch.data.reader`) fall on part boundaries. s3fs's own default, 50 MiB parts read 10 at a time (its
+``max_concurrency``, which stays s3fs's, or the user's in ``--storage-options``), held ~1 GiB in memory for a
+512 MiB shard, per worker (bench/bench_upload.py)."""
 MAX_UPLOAD_PARTS = 10_000
 """S3's limit of parts per upload: past 10,000 x 8 MiB (~78 GiB) the parts grow to fit."""
 
 
 def upload_options(fs: fsspec.AbstractFileSystem, size: int) -> dict[str, Any]:
-    """``put_file`` options for a file of ``size`` bytes: part size and parts in flight on S3 (`UPLOAD_PART_BYTES`),
-    none elsewhere (other stores take their own)."""
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "s3" not in protocols:
+    """``put_file`` options for a file of ``size`` bytes: the part size on S3 (`UPLOAD_PART_BYTES`), none elsewhere
+    (other stores take their own)."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:  # pragma: no cover - s3fs is a dependency
         return {}
-    return {"chunksize": max(UPLOAD_PART_BYTES, -(-size // MAX_UPLOAD_PARTS)), "max_concurrency": UPLOAD_CONCURRENCY}
+    if not isinstance(fs, S3FileSystem):
+        return {}
+    return {"chunksize": max(UPLOAD_PART_BYTES, -(-size // MAX_UPLOAD_PARTS))}
 
 
 def put_atomic(fs: fsspec.AbstractFileSystem, local_path: str, dest: str) -> None:

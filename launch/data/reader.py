@@ -455,7 +455,8 @@ class ShardReader:
 
 
 DOWNLOAD_STREAMS = 4
-"""Ranged requests in flight while a shard is copied into the node cache, each a block (16 MiB: 64 MiB held). One
+"""Ranged requests in flight while a shard is copied into the node cache, each a block (16 MiB: up to 5 blocks,
+80 MiB, held with the one being written). One
 connection to an object store carries ~50-100 MB/s, so a 512 MiB shard read block after block takes 5-10 s; S3's
 guidance is parallel byte-range fetches of 8-16 MB ("Use Byte-Range Fetches"). bench/bench_cache_download.py."""
 
@@ -489,7 +490,8 @@ def download_verified(fs: Any, path: str, shard: ShardInfo, dest: str, block: in
 
 def _blocks_in_order(fs: Any, path: str, size: int, block: int, streams: int) -> Iterator[bytes]:
     """The bytes of ``path`` up to ``size``, block by block in order, ``streams`` blocks fetched at once; a block the
-    object ends early in is short (and the rest empty). A failed request is raised; the others are cancelled."""
+    object ends early in is short (and the rest empty). A failed request is raised; requests not started yet are
+    cancelled, those running end on their own (their threads are daemons of the pool, joined at exit)."""
     from concurrent.futures import ThreadPoolExecutor
 
     starts = iter(range(0, size, block))

@@ -141,7 +141,6 @@ class StoreProxy:
         _close(client)
 
     def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
-        ready = time.monotonic()  # with a bandwidth: when this connection may send its next byte
         try:
             while data := src.recv(1 << 16):
                 if not down and self._trigger is not None and self._trigger[0] in data:
@@ -153,11 +152,9 @@ class StoreProxy:
                     time.sleep(self._latency)
                 if self.down:
                     return
-                if down and self._bandwidth:  # each chunk waits its time on the wire; no credit for idle time
-                    now = time.monotonic()
-                    ready = max(ready, now) + len(data) / self._bandwidth
-                    if ready > now:
-                        time.sleep(ready - now)
+                bandwidth = self._bandwidth  # read once: it may be changed meanwhile
+                if down and bandwidth:  # each chunk waits its time on the wire (no credit for idle time)
+                    time.sleep(len(data) / bandwidth)
                 dst.sendall(data)
                 with self._lock:
                     if down:

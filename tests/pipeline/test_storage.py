@@ -62,7 +62,7 @@ def test_a_range_past_the_end_reads_as_no_bytes_and_other_errors_stay(s3_bucket,
 def test_uploads_to_s3_go_in_parts_of_8_mib_and_elsewhere_as_the_store_likes(s3_bucket, tmp_path):
     """`put_atomic` uploads to S3 in parts of `UPLOAD_PART_BYTES` (s3fs's 50 MiB parts, 10 read at once, held ~1 GiB
     for a 512 MiB shard): a multipart object's ETag ends in its part count. Past S3's 10,000 parts the parts grow;
-    other stores get no S3 options."""
+    how many go at once stays s3fs's setting (or the user's); other stores get no S3 options."""
     import boto3
     import fsspec
     from conftest import fresh_s3fs
@@ -78,6 +78,7 @@ def test_uploads_to_s3_go_in_parts_of_8_mib_and_elsewhere_as_the_store_likes(s3_
     assert head["ETag"].strip('"').endswith("-3")  # 8 MiB, 8 MiB and the rest
     huge = 100 * MAX_UPLOAD_PARTS * UPLOAD_PART_BYTES
     assert upload_options(s3, huge)["chunksize"] * MAX_UPLOAD_PARTS >= huge
+    assert upload_options(s3, len(data)) == {"chunksize": UPLOAD_PART_BYTES}  # parts in flight: s3fs's or the user's
     memory = fsspec.filesystem("memory")
     assert upload_options(memory, len(data)) == {}
     put_atomic(memory, str(tmp_path / "shard.tar"), "/out/shard.tar")
